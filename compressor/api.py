@@ -1,0 +1,122 @@
+"""The Python API: compress, load, evaluate; and `run`, the whole job behind `compress run`."""
+
+import time
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from compressor import checkpoint
+from compressor.data import calibration_windows, load_documents
+from compressor.engine import compress_model, plan
+from compressor.errors import CompressorError
+from compressor.evaluate import perplexity
+from compressor.models import LoadedModel, adapter_for, load_model
+from compressor.recipe import Recipe, load_recipe
+from compressor.runtime import count_parameters, peak_memory, resolve_device
+
+
+def open_model(source: str, dtype: str = "float32") -> LoadedModel:
+    """A compressor checkpoint folder through `checkpoint.load`; any other source through `load_model`."""
+    if checkpoint.read_compression_config(source) is None:
+        return load_model(source, dtype)
+    from transformers import AutoTokenizer
+
+    model = checkpoint.load(source)
+    return LoadedModel(model, AutoTokenizer.from_pretrained(source), adapter_for(model), source, Path(source))
+
+
+def compress(recipe: "str | Path | dict | Recipe", model: PreTrainedModel | None = None,
+             tokenizer: PreTrainedTokenizerBase | None = None, overwrite: bool = False,
+             progress: bool = True) -> PreTrainedModel:
+    """Compress a model by a recipe (YAML path, dict or Recipe) and save it when the recipe has `output`.
+
+    With `model` (and its `tokenizer`) given, that in-memory model is compressed instead of the
+    recipe's `model` source. Returns the compressed model; what was done is in `.compression_config`.
+    """
+    recipe = load_recipe(recipe)
+    if recipe.output:
+        checkpoint.check_output(recipe.output, overwrite)
+    if model is None:
+        loaded = load_model(recipe.model, recipe.dtype)
+    else:
+        if tokenizer is None:
+            raise CompressorError("compress(model=...) also needs tokenizer=...")
+        loaded = LoadedModel(model, tokenizer, adapter_for(model), recipe.model, None)
+    return _compress_loaded(recipe, loaded, overwrite, progress)
+
+
+def _compress_loaded(recipe: Recipe, loaded: LoadedModel, overwrite: bool, progress: bool) -> PreTrainedModel:
+    model, tokenizer = loaded.model, loaded.tokenizer
+    device = resolve_device(recipe.device)
+    plan(model, loaded.adapter, recipe.passes)  # fail on bad targets before reading any data
+    windows = None
+    if any(p.stats for p in recipe.passes):
+        cal = recipe.calibration
+        docs = load_documents(cal.dataset, "calibration", cal.text_field)
+        windows = calibration_windows(tokenizer, docs, cal.samples, cal.seqlen, cal.seed)
+    with torch.no_grad():
+        records = compress_model(model, loaded.adapter, recipe.passes, windows, device, progress)
+    model.compression_config = {"recipe": recipe.resolved(), "recipe_as_written": recipe.raw,
+                                "source": loaded.source, "modules": records}
+    if recipe.output:
+        checkpoint.save(model, tokenizer, recipe.output, model.compression_config, overwrite)
+    return model
+
+
+def load(path: str | Path, device: str = "cpu") -> PreTrainedModel:
+    """Load a compressed checkpoint written by `compress`."""
+    return checkpoint.load(path, resolve_device(device))
+
+
+def evaluate(model: "PreTrainedModel | str", tokenizer: PreTrainedTokenizerBase | None = None,
+             dataset: str = "bundled:wikileads", seqlen: int = 2048, windows: int | None = None,
+             device: str = "auto", progress: bool = True) -> dict:
+    """Perplexity (protocol v1) with parameters, bytes on disk, wall time and peak memory.
+
+    `model` is a loaded model (give `tokenizer`) or any model source / checkpoint path.
+    """
+    folder = None
+    if isinstance(model, str):
+        loaded = open_model(model)
+        model, tokenizer, folder = loaded.model, loaded.tokenizer, loaded.folder
+    elif tokenizer is None:
+        raise CompressorError("evaluate(model) needs tokenizer=... when given a model object")
+    home = next(model.parameters()).device
+    model.to(resolve_device(device))
+    try:
+        report = perplexity(model, tokenizer, dataset, seqlen, windows, progress=progress)
+    finally:
+        model.to(home)
+    report["bytes_on_disk"] = checkpoint.weight_bytes(folder) if folder else None
+    return report
+
+
+def run(recipe_path: "str | Path | dict", overwrite: bool = False, progress: bool = True) -> dict:
+    """`compress run`: load, evaluate before (if asked), compress, save, re-load, evaluate after."""
+    recipe = load_recipe(recipe_path)
+    if recipe.output is None:
+        raise CompressorError(f"{recipe.source}: output: missing; `compress run` writes a checkpoint")
+    checkpoint.check_output(recipe.output, overwrite)
+    ev = recipe.evaluate
+    loaded = load_model(recipe.model, recipe.dtype)
+    plan(loaded.model, loaded.adapter, recipe.passes)
+    report: dict = {"model": recipe.model, "recipe": recipe.source, "output": recipe.output}
+    if ev:
+        report["before"] = evaluate(loaded.model, loaded.tokenizer, ev.dataset, ev.seqlen, ev.windows,
+                                    recipe.device, progress)
+        report["before"]["bytes_on_disk"] = checkpoint.weight_bytes(loaded.folder) if loaded.folder else None
+    else:
+        report["before"] = {**count_parameters(loaded.model), "bytes_on_disk":
+                            checkpoint.weight_bytes(loaded.folder) if loaded.folder else None}
+    start = time.perf_counter()
+    _compress_loaded(recipe, loaded, overwrite, progress)
+    report["compress_wall_s"] = round(time.perf_counter() - start, 1)
+    report["compress_memory"] = peak_memory(resolve_device(recipe.device))
+    del loaded
+    if ev:
+        report["after"] = evaluate(recipe.output, None, ev.dataset, ev.seqlen, ev.windows, recipe.device, progress)
+    else:
+        report["after"] = {**count_parameters(load(recipe.output)),
+                           "bytes_on_disk": checkpoint.weight_bytes(recipe.output)}
+    return report

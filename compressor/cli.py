@@ -1,0 +1,139 @@
+"""`compress`: run a recipe, evaluate a model, describe a checkpoint.
+
+Every user error prints one message and exits with code 2.
+"""
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import click
+from tabulate import tabulate
+
+from compressor.errors import CompressorError
+
+
+class _Command(click.Command):
+    """Turns CompressorError into one message on stderr and exit code 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except CompressorError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(2)
+
+
+@click.group()
+@click.version_option(package_name="compressor")
+def main() -> None:
+    """Compress Hugging Face causal LMs after training, then measure them.
+
+    \b
+    compress run recipes/smollm2-135m-magnitude-2of4.yaml
+    compress eval bundled:smollm2-135m --windows 16
+    compress info out/smollm2-135m-magnitude-2of4
+    """
+
+
+@main.command(cls=_Command)
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the report here.")
+def run(recipe: str, overwrite: bool, json_path: str | None) -> None:
+    """Compress a model by RECIPE (YAML) and save the checkpoint; evaluate before/after if it asks."""
+    from compressor.api import run as run_recipe
+
+    report = run_recipe(recipe, overwrite=overwrite)
+    before, after = report["before"], report["after"]
+    rows = []
+    if "ppl" in before:
+        rows.append([f"perplexity ({_protocol(before)})", f"{before['ppl']:.3f}", f"{after['ppl']:.3f}"])
+    rows += [["parameters", f"{before['parameters']:,}", f"{after['parameters']:,}"],
+             ["nonzero parameters", f"{before['nonzero_parameters']:,}", f"{after['nonzero_parameters']:,}"],
+             ["weights on disk", _mb(before.get("bytes_on_disk")), _mb(after.get("bytes_on_disk"))]]
+    click.echo(tabulate(rows, headers=["", "before", "after"], tablefmt="github"))
+    memory = report["compress_memory"]
+    click.echo(f"compressed in {report['compress_wall_s']} s, peak RSS {memory['peak_rss_mb']:.0f} MB; "
+               f"checkpoint: {report['output']}")
+    report_path = Path(report["output"]) / "compress_report.json"
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+
+
+@main.command(name="eval", cls=_Command)
+@click.argument("model")
+@click.option("--windows", type=click.IntRange(min=1), help="Only the first N windows (a quick run; "
+              "the number is then labelled windows=N). Default: the full eval split.")
+@click.option("--seqlen", type=click.IntRange(min=2), default=2048, show_default=True, help="Window length L.")
+@click.option("--dataset", default="bundled:wikileads", show_default=True,
+              help="bundled:wikileads (its eval split), or a .txt/.jsonl file or saved dataset.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the JSON here.")
+def eval_(model: str, windows: int | None, seqlen: int, dataset: str, device: str, json_path: str | None) -> None:
+    """Perplexity of MODEL (bundled:NAME, folder, .gguf, hub id or checkpoint) by protocol v1."""
+    from compressor.api import evaluate
+
+    report = {"model": model, **evaluate(model, dataset=dataset, seqlen=seqlen, windows=windows, device=device)}
+    rows = [["perplexity", f"{report['ppl']:.3f}"], ["protocol", _protocol(report)],
+            ["parameters", f"{report['parameters']:,}"], ["nonzero parameters", f"{report['nonzero_parameters']:,}"],
+            ["weights on disk", _mb(report["bytes_on_disk"])], ["wall time", f"{report['eval_wall_s']} s"],
+            ["peak RSS", f"{report['peak_rss_mb']:.0f} MB"], ["device", report["device"]]]
+    click.echo(tabulate(rows, tablefmt="github", headers=[model, ""]))
+    text = json.dumps(report, indent=2)
+    click.echo(text)
+    if json_path:
+        Path(json_path).write_text(text + "\n")
+
+
+@main.command(cls=_Command)
+@click.argument("checkpoint", type=click.Path())
+@click.option("--modules", is_flag=True, help="List every compressed module.")
+def info(checkpoint: str, modules: bool) -> None:
+    """Summarise what was done to which modules of CHECKPOINT."""
+    from compressor.checkpoint import read_compression_config, weight_bytes
+
+    cc = read_compression_config(checkpoint) if Path(checkpoint).is_dir() else None
+    if cc is None:
+        raise CompressorError(f"{checkpoint} is not a compressor checkpoint folder (no compression_config "
+                              "in config.json)")
+    recipe = cc["recipe"]
+    click.echo(f"checkpoint: {checkpoint}\nsource model: {cc['source']}\ndtype: {recipe['dtype']}\n"
+               f"weights on disk: {_mb(weight_bytes(checkpoint))}\n"
+               f"versions: {', '.join(f'{k} {v}' for k, v in cc['versions'].items())}")
+    by_pass: dict[str, list[dict]] = defaultdict(list)
+    for records in cc["modules"].values():
+        for r in records:
+            by_pass[r["pass"]].append(r)
+    rows = []
+    for i, spec in enumerate(recipe["passes"]):
+        (name, params), = spec.items()
+        settings = ", ".join(f"{k}={v}" for k, v in params.items() if k not in ("targets", "ignore"))
+        done = by_pass.get(name, [])
+        sparsity = [r["sparsity"] for r in done if "sparsity" in r]
+        mean = f"{sum(sparsity) / len(sparsity):.4f}" if sparsity else "-"
+        rows.append([i, name, settings, len(done), mean])
+    click.echo(tabulate(rows, headers=["#", "pass", "settings", "modules", "mean sparsity"], tablefmt="github"))
+    if modules:
+        rows = [[name, "; ".join(_describe(r) for r in records)] for name, records in cc["modules"].items()]
+        click.echo(tabulate(rows, headers=["module", "what was done"], tablefmt="github"))
+
+
+def _describe(record: dict) -> str:
+    return record["pass"] + " " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                             for k, v in record.items() if k != "pass")
+
+
+def _protocol(report: dict) -> str:
+    windows = "full split" if report["windows"] == report["windows_in_split"] else f"windows={report['windows']}"
+    return f"{report['protocol']}, L={report['seqlen']}, {windows}"
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.1f} MB"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""The layer-by-layer loop.
+
+1. Record what the model feeds each decoder layer: the hidden states entering layer 0 (one per
+   calibration window, kept on CPU) and each layer's keyword arguments (attention mask, rotary
+   position embeddings, ...; the same for every window, since all windows have one length).
+   Layers are swapped for recorders during this, so only embeddings and masks are computed.
+2. For each layer: move it to the compute device; for each pass, collect the statistics it needs
+   with forward hooks while the layer runs on the cached inputs, then let the pass compress the
+   targeted linears; run the compressed layer to get the next layer's inputs; move it back.
+
+So only one layer is on the compute device at a time, and layer i+1 is calibrated on the outputs
+of the already compressed layer i.
+"""
+
+import time
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from compressor.errors import CompressorError
+from compressor.models import Adapter
+from compressor.passes import Pass
+from compressor.passes.base import matches
+
+
+class _Stop(Exception):
+    pass
+
+
+def plan(model: PreTrainedModel, adapter: Adapter, passes: list[Pass]) -> list[list[dict[str, nn.Linear]]]:
+    """For each pass and decoder layer, the linears it targets. Fails before any work when a target
+    matches nothing or a pass cannot run on a linear."""
+    layers = adapter.decoder_layers(model)
+    selected = []
+    for p in passes:
+        per_layer = []
+        for i, layer in enumerate(layers):
+            prefix = f"{adapter.layers}.{i}."
+            chosen = {prefix + n: m for n, m in layer.named_modules() if p.selects(prefix + n, m)}
+            for name, linear in chosen.items():
+                p.check_module(name, linear)
+            per_layer.append(chosen)
+        for target in p.targets:
+            if not any(matches(n, m, [target]) for lin in per_layer
+                       for n, m in lin.items()):
+                raise CompressorError(f"pass {p.name}: target {target!r} matches no linear in the decoder "
+                                      f"layers (after ignore); names look like '{adapter.layers}.0.mlp.up_proj', "
+                                      "classes like 'Linear', regexes like 're:.*mlp.*'")
+        selected.append(per_layer)
+    return selected
+
+
+def compress_model(model: PreTrainedModel, adapter: Adapter, passes: list[Pass], windows: torch.Tensor | None,
+                   device: torch.device, progress: bool = True) -> dict[str, list[dict]]:
+    """Run `passes` over every decoder layer; return per-module records of what was done.
+
+    windows: [n, L] calibration token ids, required when a pass needs statistics.
+    """
+    targets = plan(model, adapter, passes)
+    needs_data = any(p.stats for p in passes)
+    if needs_data and windows is None:
+        raise CompressorError("these passes need calibration data but none was given")
+    layers = adapter.decoder_layers(model)
+    records: dict[str, list[dict]] = defaultdict(list)
+    if needs_data:
+        hidden, layer_kwargs = capture_layer_inputs(model, adapter, windows)
+    bar = tqdm(total=len(layers) * len(passes), disable=not progress, unit="step")
+    for i, layer in enumerate(layers):
+        home = next(layer.parameters()).device
+        layer.to(device)
+        kwargs = _to(layer_kwargs[i], device) if needs_data else {}
+        for p, per_layer in zip(passes, targets):
+            start = time.perf_counter()
+            linears = per_layer[i]
+            stats = collect_stats(layer, linears, hidden, kwargs, p.stats, device) if p.stats else {}
+            for name, linear in linears.items():
+                records[name].append(p.apply(name, linear, stats.get(name)))
+            bar.set_description(f"layer {i + 1}/{len(layers)} {p.name}")
+            bar.set_postfix_str(f"{time.perf_counter() - start:.1f}s")
+            bar.update()
+        if needs_data and i + 1 < len(layers):
+            hidden = [run_layer(layer, h, kwargs, device) for h in hidden]
+        layer.to(home)
+    bar.close()
+    return dict(records)
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: PreTrainedModel, adapter: Adapter, windows: torch.Tensor,
+                         ) -> tuple[list[torch.Tensor], list[dict]]:
+    """Hidden states entering layer 0 (a [1, L, d] CPU tensor per window) and every layer's kwargs."""
+    layers = adapter.decoder_layers(model)
+    hidden: list[torch.Tensor] = []
+    layer_kwargs: list[dict] = [{} for _ in layers]
+
+    def recorder(i: int):
+        def forward(hidden_states, *args, **kwargs):
+            if args:
+                raise CompressorError(f"{type(layers[i]).__name__} got positional arguments the engine "
+                                      "does not know how to replay; the architecture adapter needs work")
+            if i == 0:
+                hidden.append(hidden_states.detach().cpu())
+            if not layer_kwargs[i]:
+                layer_kwargs[i] = _to({k: v for k, v in kwargs.items() if k != "past_key_values"}, "cpu")
+            if i == len(layers) - 1:
+                raise _Stop
+            return hidden_states
+        return forward
+
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)
+    device = next(model.parameters()).device
+    try:
+        for ids in windows:
+            try:
+                model(input_ids=ids[None].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for layer in layers:
+            del layer.forward
+    return hidden, layer_kwargs
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, device: torch.device) -> torch.Tensor:
+    out = layer(hidden.to(device), **kwargs)
+    out = out[0] if isinstance(out, tuple) else out
+    return out.cpu()
+
+
+@torch.no_grad()
+def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[torch.Tensor], kwargs: dict,
+                  kind: str, device: torch.device) -> dict[str, Any]:
+    """Run the layer on every cached input with hooks on `linears`; return one statistic per linear."""
+    if kind != "input_sq_norms":
+        raise ValueError(f"unknown statistic {kind!r}")
+    sums = {name: torch.zeros(lin.in_features, dtype=torch.float64, device=device) for name, lin in linears.items()}
+
+    def hook(name: str):
+        def accumulate(module, inputs, output):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).to(torch.float64)  # [tokens, in]
+            if not torch.isfinite(x).all():
+                raise CompressorError(f"non-finite calibration activations entering {name}")
+            sums[name] += (x * x).sum(dim=0)
+        return accumulate
+
+    handles = [lin.register_forward_hook(hook(name)) for name, lin in linears.items()]
+    try:
+        for h in hidden:
+            run_layer(layer, h, kwargs, device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sums
+
+
+def _to(value: Any, device: torch.device | str) -> Any:
+    """Move the tensors inside nested tuples/lists/dicts to `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    return value

@@ -1,0 +1,5 @@
+"""The one exception type users see: a message that says what is wrong and what to do."""
+
+
+class CompressorError(Exception):
+    """Bad input or an unmet requirement. The CLI prints the message and exits with code 2."""

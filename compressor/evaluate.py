@@ -1,0 +1,58 @@
+"""Perplexity per protocol v1 (`wikileads-ppl-v1`, shared/protocol.md), with size and cost.
+
+Windows of L tokens (`[bos] + L-1 text tokens`, or L text tokens without a BOS), whole windows
+only; loss = mean NLL in float32 over every predicted position of every window; PPL = exp(loss).
+"""
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+import transformers
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from compressor.data import eval_windows, load_documents
+from compressor.runtime import count_parameters, peak_memory
+
+
+def protocol_name(dataset: str) -> str:
+    return "wikileads-ppl-v1" if dataset == "bundled:wikileads" else f"text-ppl-v1[{dataset}]"
+
+
+@torch.no_grad()
+def perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: str = "bundled:wikileads",
+               seqlen: int = 2048, windows: int | None = None, text_field: str = "text",
+               progress: bool = True) -> dict:
+    """Evaluate on the eval split of `dataset`; `windows` limits to the first N windows (quick runs)."""
+    start = time.perf_counter()
+    max_len = getattr(model.config, "max_position_embeddings", None) or seqlen
+    seqlen = min(seqlen, max_len)
+    text = "\n\n".join(load_documents(dataset, "eval", text_field))
+    all_windows = eval_windows(tokenizer, text, seqlen)
+    chosen = all_windows if windows is None else all_windows[:windows]
+    device = next(model.parameters()).device
+    nll_sum, count = 0.0, 0
+    for ids in tqdm(chosen, desc="perplexity", disable=not progress, unit="window"):
+        ids = ids[None].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()  # [L-1, vocab]
+        nll_sum += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+        count += ids.shape[1] - 1
+    nll = nll_sum / count
+    return {
+        "ppl": math.exp(nll),
+        "nll": nll,
+        "protocol": protocol_name(dataset),
+        "seqlen": seqlen,
+        "windows": len(chosen),
+        "windows_in_split": len(all_windows),
+        "tokens_predicted": count,
+        **count_parameters(model),
+        "eval_wall_s": round(time.perf_counter() - start, 1),
+        **peak_memory(device),
+        "device": str(device),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }

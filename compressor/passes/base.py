@@ -1,0 +1,58 @@
+"""What every pass has: targets/ignore matching, parameter checks, and the apply step."""
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import nn
+
+from compressor.errors import CompressorError
+
+
+class ParamError(CompressorError):
+    """A pass parameter is invalid; `key` names it so the recipe can point at it."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+def matches(name: str, module: nn.Module, patterns: list[str]) -> bool:
+    """True when a pattern names the module: its class name, its full name, or `re:REGEX` (full match)."""
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if re.fullmatch(pattern[3:], name):
+                return True
+        elif pattern in (name, type(module).__name__):
+            return True
+    return False
+
+
+@dataclass
+class Pass:
+    """A compression method applied, layer by layer, to the targeted linears of each decoder layer.
+
+    A subclass sets `name`, declares its parameters as dataclass fields, states which calibration
+    statistic it needs (`stats`), and implements `apply`.
+    """
+
+    name: ClassVar[str] = ""
+    # Per-linear calibration statistic: None, or "input_sq_norms" (sum over tokens of x_j^2, shape [in]).
+    stats: ClassVar[str | None] = None
+
+    targets: list[str] = field(default_factory=lambda: ["Linear"])
+    ignore: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        """Check parameter values; raise ParamError(key, message)."""
+
+    def selects(self, name: str, module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear) and matches(name, module, self.targets) \
+            and not matches(name, module, self.ignore)
+
+    def check_module(self, name: str, linear: nn.Linear) -> None:
+        """Check that the pass can run on this linear before any work starts; raise CompressorError."""
+
+    def apply(self, name: str, linear: nn.Linear, stats: Any) -> dict:
+        """Compress `linear` in place; return the record of what was done (stored in the checkpoint)."""
+        raise NotImplementedError

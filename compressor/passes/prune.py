@@ -1,0 +1,107 @@
+"""Pruning: magnitude and Wanda scores, unstructured (per output row) or N:M.
+
+N:M means at most N nonzero weights in every M consecutive weights along the input dimension
+(2:4 is the pattern NVIDIA's sparse tensor cores run). Unstructured sparsity s zeroes the
+floor(s * in_features) lowest-scoring weights of every output row, the comparison group Wanda uses.
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from compressor.errors import CompressorError
+from compressor.passes.base import ParamError, Pass
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """'unstructured' -> None; 'N:M' -> (N, M). Raises ValueError for anything else."""
+    if pattern == "unstructured":
+        return None
+    n, sep, m = pattern.partition(":")
+    if not (sep and n.isdigit() and m.isdigit()):
+        raise ValueError(f"pattern must be 'unstructured' or 'N:M' such as '2:4', got {pattern!r}")
+    n, m = int(n), int(m)
+    if not 0 < n < m:
+        raise ValueError(f"pattern {pattern!r} is impossible: N:M needs 0 < N < M (e.g. '2:4', '4:8')")
+    return n, m
+
+
+def row_keep_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep mask [out, in] that drops the floor(sparsity * in) lowest scores of every row."""
+    n_drop = int(score.shape[1] * sparsity)
+    keep = torch.ones_like(score, dtype=torch.bool)
+    if n_drop:
+        drop = torch.argsort(score, dim=1)[:, :n_drop]
+        keep.scatter_(1, drop, False)
+    return keep
+
+
+def nm_keep_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep mask [out, in] with the n highest scores of every m consecutive inputs of each row."""
+    out_features, in_features = score.shape
+    groups = score.reshape(out_features, in_features // m, m)
+    top = torch.topk(groups, n, dim=2).indices
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, top, True)
+    return keep.reshape(out_features, in_features)
+
+
+@dataclass
+class _Prune(Pass):
+    sparsity: float | None = None
+    pattern: str = "unstructured"
+
+    def validate(self) -> None:
+        try:
+            nm = parse_pattern(self.pattern)
+        except ValueError as e:
+            raise ParamError("pattern", str(e)) from None
+        if nm is None:
+            if self.sparsity is None:
+                raise ParamError("sparsity", "unstructured pruning needs a sparsity in [0, 1), e.g. 0.5")
+            if not 0 <= self.sparsity < 1:
+                raise ParamError("sparsity", f"got {self.sparsity}; allowed: a number in [0, 1)")
+        elif self.sparsity is not None and abs(self.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
+            raise ParamError("sparsity", f"pattern {self.pattern} fixes sparsity at {1 - nm[0] / nm[1]}; "
+                                         f"got {self.sparsity}. Leave sparsity out for N:M.")
+
+    def check_module(self, name: str, linear: nn.Linear) -> None:
+        nm = parse_pattern(self.pattern)
+        if nm and linear.in_features % nm[1]:
+            raise CompressorError(f"{self.name}: pattern {self.pattern} needs in_features divisible by "
+                                  f"{nm[1]}, but {name} has {linear.in_features}; add it to `ignore`.")
+
+    def score(self, weight: torch.Tensor, stats: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def apply(self, name: str, linear: nn.Linear, stats: torch.Tensor | None) -> dict:
+        weight = linear.weight.data
+        score = self.score(weight.float(), stats)
+        nm = parse_pattern(self.pattern)
+        keep = row_keep_mask(score, self.sparsity) if nm is None else nm_keep_mask(score, *nm)
+        weight.mul_(keep.to(weight.dtype))
+        zeros = (weight == 0).sum().item()
+        return {"pass": self.name, "pattern": self.pattern, "sparsity": zeros / weight.numel()}
+
+
+@dataclass
+class Magnitude(_Prune):
+    """Drop the weights of smallest |W|."""
+
+    name: ClassVar[str] = "magnitude"
+
+    def score(self, weight: torch.Tensor, stats: torch.Tensor | None) -> torch.Tensor:
+        return weight.abs()
+
+
+@dataclass
+class Wanda(_Prune):
+    """Drop the weights of smallest |W_ij| * ||X_j||_2 (Sun et al., 2023), X the linear's calibration inputs."""
+
+    name: ClassVar[str] = "wanda"
+    stats: ClassVar[str | None] = "input_sq_norms"
+
+    def score(self, weight: torch.Tensor, stats: torch.Tensor | None) -> torch.Tensor:
+        return weight.abs() * stats.to(weight.device).float().sqrt()[None, :]

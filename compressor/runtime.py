@@ -1,0 +1,37 @@
+"""Device choice and resource measurements shared by the CLI, the API and the benchmarks."""
+
+import resource
+import sys
+
+import torch
+from torch import nn
+
+from compressor.errors import CompressorError
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise CompressorError(f"device {spec!r} asked for, but torch sees no CUDA GPU; use device: auto or cpu")
+    return torch.device(spec)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB."""
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    report = {"peak_rss_mb": round(peak_rss_mb(), 1)}
+    if device.type == "cuda":
+        report["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return report
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Parameters (shared ones counted once) and how many of them are nonzero."""
+    params = list({id(p): p for p in model.parameters()}.values())
+    return {"parameters": sum(p.numel() for p in params),
+            "nonzero_parameters": sum(int(torch.count_nonzero(p)) for p in params)}
