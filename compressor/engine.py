@@ -73,7 +73,7 @@ def compress_model(model: PreTrainedModel, adapter: Adapter, passes: list[Pass],
         home = next(layer.parameters()).device
         layer.to(device)
         kwargs = _to(layer_kwargs[i], device) if needs_data else {}
-        for p, per_layer in zip(passes, targets):
+        for p, per_layer in zip(passes, targets, strict=True):
             start = time.perf_counter()
             linears = per_layer[i]
             stats = collect_stats(layer, linears, hidden, kwargs, p.stats, device) if p.stats else {}

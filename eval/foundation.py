@@ -1,0 +1,104 @@
+"""Foundation benchmark: dense perplexity and magnitude pruning (50% unstructured, 2:4) of the
+bundled models, protocol v1.
+
+Each job runs as its own `compress` subprocess, so peak memory is per job: `compress run` (no
+evaluation: wall time and peak RSS of the compression alone), then `compress eval` on the saved
+checkpoint (so the perplexity is that of the re-loaded checkpoint).
+
+    python eval/foundation.py                 # full eval split (headline numbers)
+    python eval/foundation.py --windows 16    # quick sweep, labelled windows=16
+
+Writes eval/results/foundation[-windowsN].json and .md after every job.
+"""
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ["bundled:smollm2-135m", "bundled:gemma-3-270m"]
+METHODS = {
+    "dense": None,
+    "magnitude 50%": {"magnitude": {"sparsity": 0.5}},
+    "magnitude 2:4": {"magnitude": {"pattern": "2:4"}},
+}
+
+
+def compress_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "compressor.cli", *args]
+
+
+def run_job(model: str, method: str, spec: dict | None, windows: int | None, work: Path) -> dict:
+    row = {"model": model, "method": method}
+    target = model
+    if spec is not None:
+        name = f"{model.removeprefix('bundled:')}-{method.replace(' ', '-').replace('%', 'pct').replace(':', 'of')}"
+        recipe = {"model": model, "passes": [spec], "output": str(work / name)}
+        recipe_path = work / f"{name}.yaml"
+        recipe_path.write_text(yaml.safe_dump(recipe))
+        report_path = work / f"{name}.run.json"
+        subprocess.run(compress_cmd("run", str(recipe_path), "--json", str(report_path)), check=True, cwd=ROOT)
+        report = json.loads(report_path.read_text())
+        row.update(compress_wall_s=report["compress_wall_s"],
+                   compress_peak_rss_mb=report["compress_memory"]["peak_rss_mb"])
+        target = recipe["output"]
+    eval_path = work / "eval.json"
+    args = ["eval", target, "--json", str(eval_path)] + (["--windows", str(windows)] if windows else [])
+    subprocess.run(compress_cmd(*args), check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    row.update(json.loads(eval_path.read_text()))
+    return row
+
+
+def write(rows: list[dict], stem: Path, command: str) -> None:
+    stem.with_suffix(".json").write_text(json.dumps({"command": command, "machine": machine(), "rows": rows},
+                                                    indent=2) + "\n")
+    lines = [f"# {stem.name}", "", f"Reproduce: `{command}`", "", f"Machine: {machine()}", "",
+             "| model | method | PPL | x dense | protocol | L | windows | nonzero params | weights on disk | "
+             "compress wall | compress peak RSS | eval wall | eval peak RSS |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    dense = {r["model"]: r["ppl"] for r in rows if r["method"] == "dense"}
+    for r in rows:
+        ratio = f"{r['ppl'] / dense[r['model']]:.2f}" if r["model"] in dense else "-"
+        lines.append(f"| {r['model']} | {r['method']} | {r['ppl']:.3f} | {ratio} | {r['protocol']} | {r['seqlen']} | "
+                     f"{r['windows']} of {r['windows_in_split']} | {r['nonzero_parameters']:,} | "
+                     f"{r['bytes_on_disk'] / 1e6:.1f} MB | {r.get('compress_wall_s', '-')} s | "
+                     f"{r.get('compress_peak_rss_mb', '-')} MB | {r['eval_wall_s']} s | {r['peak_rss_mb']} MB |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def machine() -> str:
+    import torch
+    import transformers
+
+    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}, transformers {transformers.__version__}, float32, CPU")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--windows", type=int, help="first N eval windows only (quick sweep)")
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    args = parser.parse_args()
+    suffix = f"-windows{args.windows}" if args.windows else ""
+    stem = ROOT / "eval" / "results" / f"foundation{suffix}"
+    command = "python eval/foundation.py" + (f" --windows {args.windows}" if args.windows else "")
+    rows = []
+    with tempfile.TemporaryDirectory(dir=ROOT / "eval") as tmp:
+        for model in args.models:
+            for method in args.methods:
+                start = time.perf_counter()
+                rows.append(run_job(model, method, METHODS[method], args.windows, Path(tmp)))
+                print(f"{model} {method}: ppl {rows[-1]['ppl']:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
+                write(rows, stem, command)
+
+
+if __name__ == "__main__":
+    main()

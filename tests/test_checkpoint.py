@@ -1,0 +1,74 @@
+import json
+
+import pytest
+import torch
+from conftest import recipe_dict
+
+import compressor
+from compressor.errors import CompressorError
+
+
+def test_saved_checkpoint_reloads_with_identical_logits_and_generates(model_dir, corpus, tmp_path):
+    out = tmp_path / "ckpt"
+    recipe = recipe_dict(model_dir, corpus, [{"wanda": {"pattern": "2:4"}}], out)
+    model = compressor.compress(recipe, progress=False)
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        loaded = compressor.load(out)
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=0)
+        generated = loaded.generate(ids[:1, :5], max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 9)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary folder left behind
+    assert list(out.glob("*.safetensors")) and not list(out.glob("*.bin"))
+
+
+def test_compression_config_records_recipe_modules_and_versions(llama_dir, corpus, tmp_path):
+    out = tmp_path / "ckpt"
+    compressor.compress(recipe_dict(llama_dir, corpus, [{"magnitude": {"sparsity": 0.25}}], out), progress=False)
+    cc = json.loads((out / "config.json").read_text())["compression_config"]
+    assert cc["recipe"]["passes"] == [{"magnitude": {"targets": ["Linear"], "ignore": [], "sparsity": 0.25,
+                                                     "pattern": "unstructured"}}]
+    assert cc["recipe"]["calibration"]["samples"] == 4
+    assert len(cc["modules"]) == 21
+    assert cc["modules"]["model.layers.0.mlp.down_proj"] == [{"pass": "magnitude", "pattern": "unstructured",
+                                                              "sparsity": 0.25}]
+    assert {"compressor", "torch", "transformers"} <= set(cc["versions"])
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_existing_output_is_refused_unless_overwrite(llama_dir, corpus, tmp_path):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    recipe = recipe_dict(llama_dir, corpus, [{"magnitude": {"sparsity": 0.5}}], out)
+    with pytest.raises(CompressorError, match="already exists"):
+        compressor.compress(recipe, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    compressor.compress(recipe, overwrite=True, progress=False)
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+
+def test_compress_in_memory_model(llama_dir, corpus):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    recipe = recipe_dict(llama_dir, corpus, [{"magnitude": {"pattern": "4:8"}}])
+    out = compressor.compress(recipe, model=model, tokenizer=tokenizer, progress=False)
+    assert out is model
+    w = model.model.layers[2].self_attn.o_proj.weight
+    assert ((w != 0).reshape(w.shape[0], -1, 8).sum(-1) == 4).all()
+
+
+def test_load_refuses_a_plain_model_folder(llama_dir):
+    with pytest.raises(CompressorError, match="not a compressor checkpoint"):
+        compressor.load(llama_dir)
+
+
+def test_evaluate_reports_protocol_fields(llama_dir, corpus):
+    report = compressor.evaluate(str(llama_dir), dataset=str(corpus), seqlen=64, windows=3, progress=False)
+    assert report["windows"] == 3 and report["windows_in_split"] > 3
+    assert report["tokens_predicted"] == 3 * 63
+    assert 1 < report["ppl"] < 400  # a random byte-level model: about the vocabulary size
+    assert report["bytes_on_disk"] > 0 and report["parameters"] > 0

