@@ -14,9 +14,11 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from compressor.errors import CompressorError
+from compressor.nn import RUNTIME_MODULES
 
 FORMAT_VERSION = 1
 
@@ -77,7 +79,22 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> PreTrainedMode
         raise CompressorError(f"{path} was written by a newer compressor (format {cc['format_version']}); "
                               "upgrade compressor to load it")
     dtype = getattr(torch, cc["recipe"]["dtype"])
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path))).to(dtype)
+    for name, records in cc["modules"].items():
+        runtime = [r["runtime"] for r in records if "runtime" in r]
+        if runtime:
+            old = model.get_submodule(name)
+            cls = RUNTIME_MODULES[runtime[-1]["class"]]
+            model.set_submodule(name, cls.from_runtime_config(runtime[-1], old.in_features, old.out_features, dtype))
+    state = {}
+    for shard in sorted(Path(path).glob("*.safetensors")):
+        state.update(load_file(shard))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(model._tied_weights_keys or {}) if model.config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise CompressorError(f"{path}: weights do not match the model its config describes "
+                              f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    model.tie_weights()
     model.compression_config = cc
     return model.to(device).eval()
 

@@ -31,25 +31,34 @@ class _Stop(Exception):
     pass
 
 
-def plan(model: PreTrainedModel, adapter: Adapter, passes: list[Pass]) -> list[list[dict[str, nn.Linear]]]:
-    """For each pass and decoder layer, the linears it targets. Fails before any work when a target
-    matches nothing or a pass cannot run on a linear."""
+def plan(model: PreTrainedModel, adapter: Adapter, passes: list[Pass]) -> list[list[list[str]]]:
+    """For each pass and decoder layer, the names of the linears it targets. Fails before any work when
+    a target matches nothing, a pass cannot run on a linear, or passes come in an order that cannot
+    work (quantizing twice, pruning a quantized linear)."""
     layers = adapter.decoder_layers(model)
+    state: dict[str, tuple[str, str]] = {}  # linear name -> (what it is now, which pass made it so)
     selected = []
     for p in passes:
         per_layer = []
         for i, layer in enumerate(layers):
             prefix = f"{adapter.layers}.{i}."
-            chosen = {prefix + n: m for n, m in layer.named_modules() if p.selects(prefix + n, m)}
-            for name, linear in chosen.items():
+            chosen = [(prefix + n, m) for n, m in layer.named_modules() if p.selects(prefix + n, m)]
+            for name, linear in chosen:
+                kind, by = state.get(name, ("dense", "the model"))
+                if kind not in p.accepts:
+                    raise CompressorError(f"pass {p.name} cannot run on {name}: it was made {kind} by {by}, and "
+                                          f"{p.name} needs it {' or '.join(p.accepts)}; reorder the passes or "
+                                          "add the module to `ignore`")
                 p.check_module(name, linear)
-            per_layer.append(chosen)
+            per_layer.append([name for name, _ in chosen])
         for target in p.targets:
-            if not any(matches(n, m, [target]) for lin in per_layer
-                       for n, m in lin.items()):
+            if not any(matches(name, layer.get_submodule(name.removeprefix(f"{adapter.layers}.{i}.")), [target])
+                       for i, (layer, names) in enumerate(zip(layers, per_layer, strict=True)) for name in names):
                 raise CompressorError(f"pass {p.name}: target {target!r} matches no linear in the decoder "
                                       f"layers (after ignore); names look like '{adapter.layers}.0.mlp.up_proj', "
                                       "classes like 'Linear', regexes like 're:.*mlp.*'")
+        for names in per_layer:
+            state.update({name: (p.produces, p.name) for name in names})
         selected.append(per_layer)
     return selected
 
@@ -75,10 +84,13 @@ def compress_model(model: PreTrainedModel, adapter: Adapter, passes: list[Pass],
         kwargs = _to(layer_kwargs[i], device) if needs_data else {}
         for p, per_layer in zip(passes, targets, strict=True):
             start = time.perf_counter()
-            linears = per_layer[i]
+            linears = {name: model.get_submodule(name) for name in per_layer[i]}
             stats = collect_stats(layer, linears, hidden, kwargs, p.stats, device) if p.stats else {}
             for name, linear in linears.items():
-                records[name].append(p.apply(name, linear, stats.get(name)))
+                module, record = p.apply(name, linear, stats.pop(name, None))
+                if module is not linear:
+                    model.set_submodule(name, module)
+                records[name].append(record)
             bar.set_description(f"layer {i + 1}/{len(layers)} {p.name}")
             bar.set_postfix_str(f"{time.perf_counter() - start:.1f}s")
             bar.update()
@@ -136,17 +148,27 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, device: torc
 @torch.no_grad()
 def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[torch.Tensor], kwargs: dict,
                   kind: str, device: torch.device) -> dict[str, Any]:
-    """Run the layer on every cached input with hooks on `linears`; return one statistic per linear."""
-    if kind != "input_sq_norms":
+    """Run the layer on every cached input with hooks on `linears`; return one statistic per linear:
+    "input_sq_norms": sum_t x_t^2, [in] float64; "hessian": sum_t x_t x_t^T, [in, in] float32."""
+    if kind not in ("input_sq_norms", "hessian"):
         raise ValueError(f"unknown statistic {kind!r}")
-    sums = {name: torch.zeros(lin.in_features, dtype=torch.float64, device=device) for name, lin in linears.items()}
+    sums = {}
+    for name, lin in linears.items():
+        shape, dtype = ((lin.in_features,), torch.float64) if kind == "input_sq_norms" else \
+            ((lin.in_features, lin.in_features), torch.float32)
+        sums[name] = torch.zeros(shape, dtype=dtype, device=device)
 
     def hook(name: str):
         def accumulate(module, inputs, output):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).to(torch.float64)  # [tokens, in]
+            x = inputs[0].reshape(-1, inputs[0].shape[-1])  # [tokens, in]
             if not torch.isfinite(x).all():
                 raise CompressorError(f"non-finite calibration activations entering {name}")
-            sums[name] += (x * x).sum(dim=0)
+            if kind == "input_sq_norms":
+                x = x.to(torch.float64)
+                sums[name] += (x * x).sum(dim=0)
+            else:
+                x = x.to(torch.float32)
+                sums[name] += x.T @ x
         return accumulate
 
     handles = [lin.register_forward_hook(hook(name)) for name, lin in linears.items()]

@@ -26,7 +26,7 @@ class Spy(Pass):
 
     def apply(self, name, linear, stats):
         self.seen[name] = stats.clone()
-        return {"pass": "spy"}
+        return linear, {"pass": "spy"}
 
 
 def test_every_target_gets_the_exact_nm_pattern(model_dir):

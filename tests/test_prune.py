@@ -38,7 +38,7 @@ def test_magnitude_apply_zeroes_smallest_and_keeps_the_rest_unchanged():
     torch.manual_seed(0)
     linear = nn.Linear(32, 8, bias=False)
     before = linear.weight.detach().clone()
-    record = Magnitude(sparsity=0.5).apply("x", linear, None)
+    _, record = Magnitude(sparsity=0.5).apply("x", linear, None)
     w = linear.weight.detach()
     assert record["sparsity"] == 0.5
     assert ((w == 0).sum(1) == 16).all()

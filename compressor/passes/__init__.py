@@ -2,7 +2,8 @@
 
 from compressor.passes.base import ParamError, Pass
 from compressor.passes.prune import Magnitude, Wanda
+from compressor.passes.quantize import GPTQ, RTN
 
-PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (Magnitude, Wanda)}
+PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (Magnitude, Wanda, RTN, GPTQ)}
 
 __all__ = ["PASSES", "Pass", "ParamError"]

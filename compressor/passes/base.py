@@ -37,8 +37,12 @@ class Pass:
     """
 
     name: ClassVar[str] = ""
-    # Per-linear calibration statistic: None, or "input_sq_norms" (sum over tokens of x_j^2, shape [in]).
+    # Per-linear calibration statistic: None; "input_sq_norms" (sum over tokens of x_j^2, [in], float64);
+    # "hessian" (sum over tokens of x x^T, [in, in], float32).
     stats: ClassVar[str | None] = None
+    # What a targeted linear must be before the pass ("dense", "quantized") and what it is after.
+    accepts: ClassVar[tuple[str, ...]] = ("dense",)
+    produces: ClassVar[str] = "dense"
 
     targets: list[str] = field(default_factory=lambda: ["Linear"])
     ignore: list[str] = field(default_factory=list)
@@ -53,6 +57,8 @@ class Pass:
     def check_module(self, name: str, linear: nn.Linear) -> None:
         """Check that the pass can run on this linear before any work starts; raise CompressorError."""
 
-    def apply(self, name: str, linear: nn.Linear, stats: Any) -> dict:
-        """Compress `linear` in place; return the record of what was done (stored in the checkpoint)."""
+    def apply(self, name: str, linear: nn.Linear, stats: Any) -> tuple[nn.Module, dict]:
+        """Compress `linear`; return the module that replaces it (or `linear` itself, changed in place)
+        and the record of what was done, which the checkpoint stores. A record with a "runtime" entry
+        tells `checkpoint.load` which runtime module to rebuild."""
         raise NotImplementedError

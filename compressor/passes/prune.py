@@ -76,14 +76,14 @@ class _Prune(Pass):
         raise NotImplementedError
 
     @torch.no_grad()
-    def apply(self, name: str, linear: nn.Linear, stats: torch.Tensor | None) -> dict:
+    def apply(self, name: str, linear: nn.Linear, stats: torch.Tensor | None) -> tuple[nn.Module, dict]:
         weight = linear.weight.data
         score = self.score(weight.float(), stats)
         nm = parse_pattern(self.pattern)
         keep = row_keep_mask(score, self.sparsity) if nm is None else nm_keep_mask(score, *nm)
         weight.mul_(keep.to(weight.dtype))
         zeros = (weight == 0).sum().item()
-        return {"pass": self.name, "pattern": self.pattern, "sparsity": zeros / weight.numel()}
+        return linear, {"pass": self.name, "pattern": self.pattern, "sparsity": zeros / weight.numel()}
 
 
 @dataclass

@@ -1,0 +1,183 @@
+"""Weight-only integer quantization: round-to-nearest (RTN) and GPTQ (Frantar et al., 2022).
+
+Grid, per group of input columns of one output row, with maxq = 2^bits - 1:
+  symmetric:  scale = 2 max|w| / maxq, zero = 2^(bits-1)        (GPTQ's symmetric grid)
+  asymmetric: scale = (max(w, 0) - min(w, 0)) / maxq, zero = round(-min(w, 0) / scale)
+  q = clamp(round(w / scale) + zero, 0, maxq);  w_hat = (q - zero) * scale
+Scales are rounded to their storage dtype (float16) before the codes are chosen, so the stored
+tensors reproduce exactly the weights the pass measured. A group size that does not divide the
+input width leaves a shorter last group (SmolLM2's 576 inputs with groups of 128: 4 x 128 + 64).
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from compressor.errors import CompressorError
+from compressor.formats import SUPPORTED_BITS, pack
+from compressor.nn import QuantLinear
+from compressor.passes.base import ParamError, Pass
+
+SCALE_DTYPE = torch.float16
+
+
+def grid(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point [out] for the columns w [out, n] of one group."""
+    maxq = 2**bits - 1
+    if symmetric:
+        scale = 2 * w.abs().amax(1) / maxq
+        scale = torch.where(scale == 0, 1.0, scale).to(SCALE_DTYPE).float()
+        return scale, torch.full_like(scale, (maxq + 1) // 2)
+    lo, hi = w.amin(1).clamp(max=0), w.amax(1).clamp(min=0)
+    scale = torch.where(hi > lo, (hi - lo) / maxq, 1.0).to(SCALE_DTYPE).float()
+    return scale, torch.round(-lo / scale).clamp(0, maxq)
+
+
+def to_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes for w [out, n] (or [out]) given per-row scale and zero [out]."""
+    if w.dim() == 2:
+        scale, zero = scale[:, None], zero[:, None]
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+
+
+def rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool):
+    """Round to nearest, group by group. weight [out, in] -> codes [out, in], scales, zeros [out, groups]."""
+    out_features, in_features = weight.shape
+    codes = torch.empty_like(weight)
+    scales, zeros = [], []
+    for start in range(0, in_features, group_size):
+        w = weight[:, start:start + group_size]
+        scale, zero = grid(w, bits, symmetric)
+        codes[:, start:start + group_size] = to_codes(w, scale, zero, bits)
+        scales.append(scale)
+        zeros.append(zero)
+    return codes, torch.stack(scales, 1), torch.stack(zeros, 1)
+
+
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+         damp: float = 0.01, block_size: int = 128, act_order: bool = False):
+    """GPTQ: quantize columns one at a time, spreading each column's error over the columns not yet
+    quantized through the inverse Hessian H = X^T X of the layer's calibration inputs.
+
+    weight [out, in], hessian [in, in] (float32 sums; the scale of H does not matter).
+    With act_order, columns go in order of decreasing H_jj; group grids are then fixed from the
+    original weights up front ("static groups"), so codes stay in the original column order and
+    the runtime needs no permutation. Returns codes [out, in], scales and zeros [out, groups].
+    """
+    W = weight.clone().float()
+    H = hessian.clone().float()
+    out_features, in_features = W.shape
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    n_groups = -(-in_features // group_size)
+    scales = torch.zeros(out_features, n_groups, device=W.device)
+    zeros = torch.zeros_like(scales)
+    if act_order:
+        for g in range(n_groups):
+            scales[:, g], zeros[:, g] = grid(W[:, g * group_size:(g + 1) * group_size], bits, symmetric)
+        perm = torch.argsort(torch.diag(H), descending=True)
+    else:
+        perm = torch.arange(in_features, device=W.device)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(in_features, device=W.device)
+    try:
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except torch.linalg.LinAlgError:
+        raise CompressorError("GPTQ: the Hessian is not positive definite even after damping; "
+                              "raise `damp` (e.g. 0.1) or use more calibration samples") from None
+    codes = torch.zeros_like(W)
+    for i1 in range(0, in_features, block_size):
+        i2 = min(i1 + block_size, in_features)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            g = col // group_size
+            if not act_order and col % group_size == 0:  # group starts: grid from the error-updated weights
+                ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group_size]
+                scales[:, g], zeros[:, g] = grid(ahead, bits, symmetric)
+            w, d = W1[:, i], Hinv1[i, i]
+            q = to_codes(w, scales[:, g], zeros[:, g], bits)
+            codes[:, i1 + i] = q
+            err = (w - (q - zeros[:, g]) * scales[:, g]) / d
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    codes = codes[:, torch.argsort(perm)]
+    return codes, scales, zeros
+
+
+@dataclass
+class _Quantize(Pass):
+    bits: int = 4
+    group_size: int | None = 128  # None: one group per output row ("per channel")
+    symmetric: bool = True
+
+    accepts: ClassVar[tuple[str, ...]] = ("dense",)
+    produces: ClassVar[str] = "quantized"
+
+    def validate(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ParamError("bits", f"got {self.bits}; allowed: {', '.join(map(str, SUPPORTED_BITS))}")
+        if self.group_size is not None and self.group_size <= 0:
+            raise ParamError("group_size", f"got {self.group_size}; use a positive integer (32, 64, 128, ...) "
+                                           "or null for one group per output channel")
+
+    def quantize(self, weight: torch.Tensor, stats, group_size: int):
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def apply(self, name: str, linear: nn.Linear, stats) -> tuple[nn.Module, dict]:
+        weight = linear.weight.data.float()
+        if not torch.isfinite(weight).all():
+            raise CompressorError(f"{self.name}: {name} has NaN or Inf weights; the model is broken before "
+                                  "compression")
+        group_size = self.group_size or linear.in_features
+        codes, scales, zeros = self.quantize(weight, stats, group_size)
+        q = QuantLinear(linear.in_features, linear.out_features, self.bits, group_size, linear.bias is not None,
+                        SCALE_DTYPE, linear.weight.dtype).to(linear.weight.device)
+        q.qweight.copy_(pack(codes.long(), self.bits))
+        q.scales.copy_(scales)
+        q.zeros.copy_(zeros)
+        if linear.bias is not None:
+            q.bias.data.copy_(linear.bias.data)
+        error = (q.weight_dequantized(torch.float32) - weight).norm() / weight.norm().clamp_min(1e-12)
+        return q, {"pass": self.name, "bits": self.bits, "group_size": group_size, "symmetric": self.symmetric,
+                   "bits_per_weight": round(q.bits_per_weight(), 4), "relative_weight_error": error.item(),
+                   "runtime": q.runtime_config()}
+
+
+@dataclass
+class RTN(_Quantize):
+    """Round each weight to the nearest point of its group's grid."""
+
+    name: ClassVar[str] = "rtn"
+
+    def quantize(self, weight, stats, group_size):
+        return rtn(weight, self.bits, group_size, self.symmetric)
+
+
+@dataclass
+class GPTQ(_Quantize):
+    """GPTQ with damping, lazy block updates and optional act-order (static groups)."""
+
+    name: ClassVar[str] = "gptq"
+    stats: ClassVar[str | None] = "hessian"
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 <= self.damp < 1:
+            raise ParamError("damp", f"got {self.damp}; allowed: a fraction of mean(diag H) in [0, 1), e.g. 0.01")
+        if self.block_size <= 0:
+            raise ParamError("block_size", f"got {self.block_size}; use a positive integer such as 128")
+
+    def quantize(self, weight, hessian, group_size):
+        return gptq(weight, hessian.to(weight.device), self.bits, group_size, self.symmetric, self.damp,
+                    self.block_size, self.act_order)
