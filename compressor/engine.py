@@ -96,6 +96,8 @@ def compress_model(model: PreTrainedModel, adapter: Adapter, passes: list[Pass],
             bar.update()
         if needs_data and i + 1 < len(layers):
             hidden = [run_layer(layer, h, kwargs, device) for h in hidden]
+        for module in layer.modules():
+            module.__dict__.pop("dense_weight", None)  # float copies kept by quantizers for lrec
         layer.to(home)
     bar.close()
     return dict(records)
@@ -158,23 +160,31 @@ def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[
             ((lin.in_features, lin.in_features), torch.float32)
         sums[name] = torch.zeros(shape, dtype=dtype, device=device)
 
+    # One statistic per input tensor: q/k/v (and gate/up) read the same one. The cache holds the input
+    # itself, so its id cannot be reused by a later tensor during the forward.
+    shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
     def hook(name: str):
         def accumulate(module, inputs, output):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1])  # [tokens, in]
-            if not torch.isfinite(x).all():
-                raise CompressorError(f"non-finite calibration activations entering {name}")
-            if kind == "input_sq_norms":
-                x = x.to(torch.float64)
-                sums[name] += (x * x).sum(dim=0)
-            else:
-                x = x.to(torch.float32)
-                sums[name] += x.T @ x
+            if id(inputs[0]) not in shared:
+                x = inputs[0].reshape(-1, inputs[0].shape[-1])  # [tokens, in]
+                if not torch.isfinite(x).all():
+                    raise CompressorError(f"non-finite calibration activations entering {name}")
+                if kind == "input_sq_norms":
+                    x = x.to(torch.float64)
+                    stat = (x * x).sum(dim=0)
+                else:
+                    x = x.to(torch.float32)
+                    stat = x.T @ x
+                shared[id(inputs[0])] = (inputs[0], stat)
+            sums[name] += shared[id(inputs[0])][1]
         return accumulate
 
     handles = [lin.register_forward_hook(hook(name)) for name, lin in linears.items()]
     try:
         for h in hidden:
             run_layer(layer, h, kwargs, device)
+            shared.clear()
     finally:
         for handle in handles:
             handle.remove()

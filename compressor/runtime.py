@@ -31,7 +31,13 @@ def peak_memory(device: torch.device) -> dict[str, float]:
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Parameters (shared ones counted once) and how many of them are nonzero."""
+    """Parameters (shared ones counted once) and how many are nonzero. A runtime module that stores its
+    weight in another form (QuantLinear) counts the weights it stands for (`weight_counts()`)."""
     params = list({id(p): p for p in model.parameters()}.values())
-    return {"parameters": sum(p.numel() for p in params),
-            "nonzero_parameters": sum(int(torch.count_nonzero(p)) for p in params)}
+    total = sum(p.numel() for p in params)
+    nonzero = sum(int(torch.count_nonzero(p)) for p in params)
+    for module in model.modules():
+        if hasattr(module, "weight_counts"):
+            n, nz = module.weight_counts()
+            total, nonzero = total + n, nonzero + nz
+    return {"parameters": total, "nonzero_parameters": nonzero}

@@ -52,8 +52,7 @@ def run_job(model: str, method: str, spec: dict | None, windows: int | None, wor
     eval_path = work / "eval.json"
     args = ["eval", target, "--json", str(eval_path)] + (["--windows", str(windows)] if windows else [])
     subprocess.run(compress_cmd(*args), check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    row.update(json.loads(eval_path.read_text()))
-    return row
+    return {**json.loads(eval_path.read_text()), **row}  # row's model: the source, not the checkpoint path
 
 
 def write(rows: list[dict], stem: Path, command: str) -> None:

@@ -1,9 +1,10 @@
 """The pass registry: recipe names -> pass classes."""
 
 from compressor.passes.base import ParamError, Pass
+from compressor.passes.lrec import LREC
 from compressor.passes.prune import Magnitude, Wanda
 from compressor.passes.quantize import GPTQ, RTN
 
-PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (Magnitude, Wanda, RTN, GPTQ)}
+PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (Magnitude, Wanda, RTN, GPTQ, LREC)}
 
 __all__ = ["PASSES", "Pass", "ParamError"]

@@ -144,6 +144,7 @@ class _Quantize(Pass):
         q.zeros.copy_(zeros)
         if linear.bias is not None:
             q.bias.data.copy_(linear.bias.data)
+        q.dense_weight = weight  # for a correcting pass (lrec) during compression; not saved
         error = (q.weight_dequantized(torch.float32) - weight).norm() / weight.norm().clamp_min(1e-12)
         return q, {"pass": self.name, "bits": self.bits, "group_size": group_size, "symmetric": self.symmetric,
                    "bits_per_weight": round(q.bits_per_weight(), 4), "relative_weight_error": error.item(),

@@ -1,0 +1,52 @@
+import pytest
+import torch
+from conftest import recipe_dict
+
+import compressor
+from compressor.errors import CompressorError
+from compressor.nn import QuantLinear
+from compressor.passes.lrec import low_rank_correction
+
+
+def test_whitened_factors_beat_plain_svd_on_output_error():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 12, generator=g) @ torch.randn(12, 64, generator=g) + 0.1 * torch.randn(400, 64, generator=g)
+    error = torch.randn(32, 64, generator=g)
+    H = x.T @ x
+    out = {}
+    for name, h in [("whitened", H), ("plain", None)]:
+        A, B = low_rank_correction(error, h, rank=8)
+        assert A.shape == (64, 8) and B.shape == (8, 32)
+        out[name] = (x @ (error.T - A @ B)).norm()
+    assert out["whitened"] < 0.5 * out["plain"] < 0.5 * (x @ error.T).norm()
+
+
+def test_full_rank_plain_svd_recovers_the_error_exactly():
+    error = torch.randn(6, 10)
+    A, B = low_rank_correction(error, None, rank=6)
+    torch.testing.assert_close(A @ B, error.T, atol=1e-5, rtol=1e-5)
+
+
+def test_w2_with_lrec_checkpoint_round_trip(llama_dir, corpus, tmp_path):
+    out = tmp_path / "ckpt"
+    passes = [{"gptq": {"bits": 2, "group_size": 32}}, {"lrec": {"rank": 8}}]
+    model = compressor.compress(recipe_dict(llama_dir, corpus, passes, out), progress=False)
+    q = model.model.layers[0].self_attn.o_proj
+    assert isinstance(q, QuantLinear) and q.rank == 8 and q.lora_a.dtype == torch.float16
+    assert not hasattr(q, "dense_weight")  # float copies are dropped after the layer
+    record = model.compression_config["modules"]["model.layers.0.self_attn.o_proj"]
+    assert [r["pass"] for r in record] == ["gptq", "lrec"]
+    assert record[1]["output_error_kept"] < 1
+    assert record[1]["bits_per_weight"] == pytest.approx(record[0]["bits_per_weight"] + 8 * 128 * 16 / 64**2, rel=1e-3)
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
+    loaded = compressor.load(out)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_lrec_needs_a_quantized_linear_and_a_sane_rank(llama_dir, corpus):
+    with pytest.raises(CompressorError, match="lrec cannot run on .* it was made dense by the model"):
+        compressor.compress(recipe_dict(llama_dir, corpus, [{"lrec": {"rank": 4}}]), progress=False)
+    with pytest.raises(CompressorError, match="rank 100 is larger"):
+        compressor.compress(recipe_dict(llama_dir, corpus, [{"rtn": {"bits": 4}}, {"lrec": {"rank": 100}}]),
+                            progress=False)
