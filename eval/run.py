@@ -1,14 +1,14 @@
-"""Foundation benchmark: dense perplexity and magnitude pruning (50% unstructured, 2:4) of the
-bundled models, protocol v1.
+"""Benchmark suites on the bundled models, protocol v1 (wikileads-ppl-v1, L = 2048).
 
 Each job runs as its own `compress` subprocess, so peak memory is per job: `compress run` (no
 evaluation: wall time and peak RSS of the compression alone), then `compress eval` on the saved
 checkpoint (so the perplexity is that of the re-loaded checkpoint).
 
-    python eval/foundation.py                 # full eval split (headline numbers)
-    python eval/foundation.py --windows 16    # quick sweep, labelled windows=16
+    python eval/run.py foundation                  # full eval split (headline numbers)
+    python eval/run.py foundation --windows 16     # quick sweep, labelled windows=16
+    python eval/run.py quantization --models bundled:smollm2-135m --methods "GPTQ W4 g64"
 
-Writes eval/results/foundation[-windowsN].json and .md after every job.
+Writes eval/results/SUITE[-windowsN].json and .md after every job.
 """
 
 import argparse
@@ -24,10 +24,23 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["bundled:smollm2-135m", "bundled:gemma-3-270m"]
-METHODS = {
-    "dense": None,
-    "magnitude 50%": {"magnitude": {"sparsity": 0.5}},
-    "magnitude 2:4": {"magnitude": {"pattern": "2:4"}},
+# Calibration as in shared/anchors.md's peer runs: 64 windows of 2048 tokens, seed 0.
+CALIBRATION = {"dataset": "bundled:wikileads", "samples": 64, "seqlen": 2048, "seed": 0}
+SUITES = {
+    "foundation": {
+        "dense": None,
+        "magnitude 50%": [{"magnitude": {"sparsity": 0.5}}],
+        "magnitude 2:4": [{"magnitude": {"pattern": "2:4"}}],
+    },
+    "quantization": {
+        "dense": None,
+        "RTN W4 g64": [{"rtn": {"bits": 4, "group_size": 64}}],
+        "GPTQ W4 g64": [{"gptq": {"bits": 4, "group_size": 64}}],
+        "GPTQ W4 g128": [{"gptq": {"bits": 4, "group_size": 128}}],
+        "GPTQ W3 g64": [{"gptq": {"bits": 3, "group_size": 64}}],
+        "GPTQ W2 g64": [{"gptq": {"bits": 2, "group_size": 64}}],
+        "GPTQ W2 g64 + LREC r32": [{"gptq": {"bits": 2, "group_size": 64}}, {"lrec": {"rank": 32}}],
+    },
 }
 
 
@@ -35,12 +48,12 @@ def compress_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "compressor.cli", *args]
 
 
-def run_job(model: str, method: str, spec: dict | None, windows: int | None, work: Path) -> dict:
+def run_job(model: str, method: str, passes: list | None, windows: int | None, work: Path) -> dict:
     row = {"model": model, "method": method}
     target = model
-    if spec is not None:
+    if passes is not None:
         name = f"{model.removeprefix('bundled:')}-{method.replace(' ', '-').replace('%', 'pct').replace(':', 'of')}"
-        recipe = {"model": model, "passes": [spec], "output": str(work / name)}
+        recipe = {"model": model, "passes": passes, "output": str(work / name), "calibration": CALIBRATION}
         recipe_path = work / f"{name}.yaml"
         recipe_path.write_text(yaml.safe_dump(recipe))
         report_path = work / f"{name}.run.json"
@@ -58,7 +71,9 @@ def run_job(model: str, method: str, spec: dict | None, windows: int | None, wor
 def write(rows: list[dict], stem: Path, command: str) -> None:
     stem.with_suffix(".json").write_text(json.dumps({"command": command, "machine": machine(), "rows": rows},
                                                     indent=2) + "\n")
-    lines = [f"# {stem.name}", "", f"Reproduce: `{command}`", "", f"Machine: {machine()}", "",
+    lines = [f"# {stem.name}", "", f"Reproduce: `{command}` (each run adds the jobs not yet in the file)", "",
+             f"Machine: {machine()}. Calibration where a method uses it: wikileads-calib-v1, "
+             f"{CALIBRATION['samples']} x {CALIBRATION['seqlen']}, seed {CALIBRATION['seed']}.", "",
              "| model | method | PPL | x dense | protocol | L | windows | nonzero params | weights on disk | "
              "compress wall | compress peak RSS | eval wall | eval peak RSS |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -82,19 +97,29 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("suite", choices=list(SUITES))
     parser.add_argument("--windows", type=int, help="first N eval windows only (quick sweep)")
     parser.add_argument("--models", nargs="+", default=MODELS)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", help="a subset of the suite's methods")
     args = parser.parse_args()
+    methods = SUITES[args.suite]
+    for method in args.methods or []:
+        if method not in methods:
+            parser.error(f"unknown method {method!r} for {args.suite}; choose from {list(methods)}")
     suffix = f"-windows{args.windows}" if args.windows else ""
-    stem = ROOT / "eval" / "results" / f"foundation{suffix}"
-    command = "python eval/foundation.py" + (f" --windows {args.windows}" if args.windows else "")
-    rows = []
+    stem = ROOT / "eval" / "results" / f"{args.suite}{suffix}"
+    command = " ".join(["python eval/run.py", args.suite] + (["--windows", str(args.windows)] if args.windows else [])
+                       + (["--models", *args.models] if args.models != MODELS else [])
+                       + (["--methods", *(f'"{m}"' for m in args.methods)] if args.methods else []))
+    rows = json.loads(stem.with_suffix(".json").read_text())["rows"] if stem.with_suffix(".json").exists() else []
+    done = {(r["model"], r["method"]) for r in rows}
     with tempfile.TemporaryDirectory(dir=ROOT / "eval") as tmp:
         for model in args.models:
-            for method in args.methods:
+            for method in args.methods or methods:
+                if (model, method) in done:  # results accumulate across runs; delete the file to redo
+                    continue
                 start = time.perf_counter()
-                rows.append(run_job(model, method, METHODS[method], args.windows, Path(tmp)))
+                rows.append(run_job(model, method, methods[method], args.windows, Path(tmp)))
                 print(f"{model} {method}: ppl {rows[-1]['ppl']:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
                 write(rows, stem, command)
 
