@@ -43,7 +43,8 @@ def test_run_info_and_eval_end_to_end(llama_dir, corpus, tmp_path):
 
 BAD_RECIPES = {
     "unknown top-level key": ({"modle": "x"}, "unknown key(s) 'modle'"),
-    "unknown pass": ({"passes": [{"magnitud": {"sparsity": 0.5}}]}, "known passes: magnitude, wanda"),
+    "unknown pass": ({"passes": [{"magnitud": {"sparsity": 0.5}}]},
+                     "known passes: gptq, lrec, magnitude, rtn, sparsegpt, wanda"),
     "unknown pass key": ({"passes": [{"magnitude": {"sparsity": 0.5, "spars": 1}}]}, "passes[0].magnitude: unknown"),
     "wrong type": ({"passes": [{"magnitude": {"sparsity": "half"}}]}, "passes[0].magnitude.sparsity: got 'half'"),
     "sparsity 1": ({"passes": [{"magnitude": {"sparsity": 1.0}}]}, "allowed: a number in [0, 1)"),
@@ -56,6 +57,9 @@ BAD_RECIPES = {
     "targets not a list": ({"passes": [{"magnitude": {"sparsity": 0.5, "targets": "Linear"}}]}, "a list of a string"),
     "unknown model": ({"model": "no/such/model/here"}, "unknown model source"),
     "unknown bundled model": ({"model": "bundled:llama-7b"}, "bundled models: bundled:smollm2-135m"),
+    "sparsegpt block vs M": ({"passes": [{"sparsegpt": {"pattern": "2:3"}}]}, "multiple of M = 3"),
+    "bits 5": ({"passes": [{"gptq": {"bits": 5}}]}, "passes[0].gptq.bits: got 5; allowed: 2, 3, 4, 8"),
+    "lrec rank 0": ({"passes": [{"rtn": {"bits": 2}}, {"lrec": {"rank": 0}}]}, "passes[1].lrec.rank"),
     "bad samples": ({"calibration": {"samples": 0}}, "calibration.samples"),
     "bad device": ({"device": "tpu"}, "allowed: auto, cpu, cuda"),
     "empty passes": ({"passes": []}, "non-empty list"),

@@ -2,9 +2,9 @@
 
 from compressor.passes.base import ParamError, Pass
 from compressor.passes.lrec import LREC
-from compressor.passes.prune import Magnitude, Wanda
+from compressor.passes.prune import Magnitude, SparseGPT, Wanda
 from compressor.passes.quantize import GPTQ, RTN
 
-PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (Magnitude, Wanda, RTN, GPTQ, LREC)}
+PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (Magnitude, Wanda, SparseGPT, RTN, GPTQ, LREC)}
 
 __all__ = ["PASSES", "Pass", "ParamError"]

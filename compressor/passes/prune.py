@@ -1,8 +1,9 @@
-"""Pruning: magnitude and Wanda scores, unstructured (per output row) or N:M.
+"""Pruning: magnitude, Wanda and SparseGPT, unstructured or N:M.
 
 N:M means at most N nonzero weights in every M consecutive weights along the input dimension
-(2:4 is the pattern NVIDIA's sparse tensor cores run). Unstructured sparsity s zeroes the
-floor(s * in_features) lowest-scoring weights of every output row, the comparison group Wanda uses.
+(2:4 is the pattern NVIDIA's sparse tensor cores run). For magnitude and Wanda, unstructured
+sparsity s zeroes the floor(s * in_features) lowest-scoring weights of every output row, the
+comparison group Wanda uses; SparseGPT chooses its mask block by block (see `sparsegpt`).
 """
 
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from torch import nn
 
 from compressor.errors import CompressorError
 from compressor.passes.base import ParamError, Pass
+from compressor.passes.quantize import inverse_hessian_cholesky
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -105,3 +107,70 @@ class Wanda(_Prune):
 
     def score(self, weight: torch.Tensor, stats: torch.Tensor | None) -> torch.Tensor:
         return weight.abs() * stats.to(weight.device).float().sqrt()[None, :]
+
+
+def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, nm: tuple[int, int] | None,
+              damp: float = 0.01, block_size: int = 128) -> torch.Tensor:
+    """SparseGPT (Frantar & Alistarh, 2023): prune column by column, moving the columns not yet
+    visited to absorb each pruned weight's error through the inverse Hessian H = X^T X.
+
+    The mask is chosen by the OBS saliency w^2 / [H^-1]_jj (with H^-1's running Cholesky rows):
+    unstructured, the floor(s * block_size * out) least salient weights of each block of columns;
+    N:M, the N most salient of every M consecutive weights of each row. weight [out, in] -> pruned.
+    """
+    W = weight.clone().float()
+    out_features, in_features = W.shape
+    H = hessian.clone().float()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    Hinv = inverse_hessian_cholesky(H, damp)
+    for i1 in range(0, in_features, block_size):
+        i2 = min(i1 + block_size, in_features)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        prune = torch.zeros_like(W1, dtype=torch.bool)
+        if nm is None:
+            saliency = W1**2 / torch.diag(Hinv1)[None, :] ** 2
+            prune.view(-1)[torch.argsort(saliency.flatten())[:int(W1.numel() * sparsity)]] = True
+        for i in range(i2 - i1):
+            if nm is not None and i % nm[1] == 0:  # choose the group's mask from the updated weights
+                group = W1[:, i:i + nm[1]] ** 2 / torch.diag(Hinv1)[i:i + nm[1]][None, :] ** 2
+                prune[:, i:i + nm[1]] = ~nm_keep_mask(group, nm[0], nm[1])
+            w, d = W1[:, i], Hinv1[i, i]
+            q = torch.where(prune[:, i], 0.0, w)
+            err = (w - q) / d
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            W1[:, i] = q
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return W
+
+
+@dataclass
+class SparseGPT(_Prune):
+    """Prune with SparseGPT's OBS updates: the kept weights change to make up for the pruned ones."""
+
+    name: ClassVar[str] = "sparsegpt"
+    stats: ClassVar[str | None] = "hessian"
+
+    damp: float = 0.01
+    block_size: int = 128
+
+    def validate(self) -> None:
+        super().validate()
+        nm = parse_pattern(self.pattern)
+        if nm and self.block_size % nm[1]:
+            raise ParamError("block_size", f"must be a multiple of M = {nm[1]} for pattern {self.pattern}")
+        if not 0 <= self.damp < 1:
+            raise ParamError("damp", f"got {self.damp}; allowed: [0, 1)")
+
+    @torch.no_grad()
+    def apply(self, name: str, linear: nn.Linear, hessian: torch.Tensor) -> tuple[nn.Module, dict]:
+        weight = linear.weight.data
+        pruned = sparsegpt(weight.float(), hessian.to(weight.device), self.sparsity or 0.0,
+                           parse_pattern(self.pattern), self.damp, self.block_size)
+        weight.copy_(pruned.to(weight.dtype))
+        zeros = (weight == 0).sum().item()
+        return linear, {"pass": self.name, "pattern": self.pattern, "sparsity": zeros / weight.numel()}

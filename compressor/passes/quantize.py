@@ -56,6 +56,17 @@ def rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool):
     return codes, torch.stack(scales, 1), torch.stack(zeros, 1)
 
 
+def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1: row i, divided by its diagonal entry,
+    is how the columns after i must move to absorb an error in column i (GPTQ, SparseGPT)."""
+    H = H + damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], device=H.device)
+    try:
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except torch.linalg.LinAlgError:
+        raise CompressorError("the Hessian is not positive definite even after damping; "
+                              "raise `damp` (e.g. 0.1) or use more calibration samples") from None
+
+
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, symmetric: bool,
          damp: float = 0.01, block_size: int = 128, act_order: bool = False):
     """GPTQ: quantize columns one at a time, spreading each column's error over the columns not yet
@@ -64,9 +75,11 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int
     weight [out, in], hessian [in, in] (float32 sums; the scale of H does not matter).
     With act_order, columns go in order of decreasing H_jj; group grids are then fixed from the
     original weights up front ("static groups"), so codes stay in the original column order and
-    the runtime needs no permutation. Returns codes [out, in], scales and zeros [out, groups].
+    the runtime needs no permutation. Weights that are exactly zero (pruned earlier) stay zero.
+    Returns codes [out, in], scales and zeros [out, groups].
     """
     W = weight.clone().float()
+    pruned = W == 0
     H = hessian.clone().float()
     out_features, in_features = W.shape
     dead = torch.diag(H) == 0
@@ -81,13 +94,8 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int
         perm = torch.argsort(torch.diag(H), descending=True)
     else:
         perm = torch.arange(in_features, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(in_features, device=W.device)
-    try:
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    except torch.linalg.LinAlgError:
-        raise CompressorError("GPTQ: the Hessian is not positive definite even after damping; "
-                              "raise `damp` (e.g. 0.1) or use more calibration samples") from None
+    W, H, pruned = W[:, perm], H[perm][:, perm], pruned[:, perm]
+    Hinv = inverse_hessian_cholesky(H, damp)
     codes = torch.zeros_like(W)
     for i1 in range(0, in_features, block_size):
         i2 = min(i1 + block_size, in_features)
@@ -100,7 +108,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int
                 ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group_size]
                 scales[:, g], zeros[:, g] = grid(ahead, bits, symmetric)
             w, d = W1[:, i], Hinv1[i, i]
-            q = to_codes(w, scales[:, g], zeros[:, g], bits)
+            q = torch.where(pruned[:, i1 + i], zeros[:, g], to_codes(w, scales[:, g], zeros[:, g], bits))
             codes[:, i1 + i] = q
             err = (w - (q - zeros[:, g]) * scales[:, g]) / d
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
