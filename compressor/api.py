@@ -89,6 +89,8 @@ def evaluate(model: "PreTrainedModel | str", tokenizer: PreTrainedTokenizerBase 
     finally:
         model.to(home)
     report["bytes_on_disk"] = checkpoint.weight_bytes(folder) if folder else None
+    cc = getattr(model, "compression_config", None)
+    report["linear_bits_per_weight"] = checkpoint.linear_bits_per_weight(cc) if cc else None
     return report
 
 
@@ -117,6 +119,7 @@ def run(recipe_path: "str | Path | dict", overwrite: bool = False, progress: boo
     if ev:
         report["after"] = evaluate(recipe.output, None, ev.dataset, ev.seqlen, ev.windows, recipe.device, progress)
     else:
-        report["after"] = {**count_parameters(load(recipe.output)),
-                           "bytes_on_disk": checkpoint.weight_bytes(recipe.output)}
+        compressed = load(recipe.output)
+        report["after"] = {**count_parameters(compressed), "bytes_on_disk": checkpoint.weight_bytes(recipe.output),
+                           "linear_bits_per_weight": checkpoint.linear_bits_per_weight(compressed.compression_config)}
     return report

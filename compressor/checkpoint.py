@@ -99,6 +99,16 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> PreTrainedMode
     return model.to(device).eval()
 
 
+def linear_bits_per_weight(compression_config: dict) -> float | None:
+    """Storage bits per weight over the quantized linears (codes, scales, zeros, low-rank factors),
+    weighted by each linear's size; None when nothing was quantized."""
+    sized = [[r for r in records if "bits_per_weight" in r][-1] for records in compression_config["modules"].values()
+             if any("bits_per_weight" in r for r in records)]
+    if not sized:
+        return None
+    return sum(r["bits_per_weight"] * r["weights"] for r in sized) / sum(r["weights"] for r in sized)
+
+
 def weight_bytes(folder: str | Path) -> int:
     """Bytes of the weight files (*.safetensors) in a model folder."""
     return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))

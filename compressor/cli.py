@@ -53,6 +53,8 @@ def run(recipe: str, overwrite: bool, json_path: str | None) -> None:
     rows += [["parameters", f"{before['parameters']:,}", f"{after['parameters']:,}"],
              ["nonzero parameters", f"{before['nonzero_parameters']:,}", f"{after['nonzero_parameters']:,}"],
              ["weights on disk", _mb(before.get("bytes_on_disk")), _mb(after.get("bytes_on_disk"))]]
+    if after.get("linear_bits_per_weight"):
+        rows.append(["bits per weight (quantized linears)", "-", _bits(after["linear_bits_per_weight"])])
     click.echo(tabulate(rows, headers=["", "before", "after"], tablefmt="github"))
     memory = report["compress_memory"]
     click.echo(f"compressed in {report['compress_wall_s']} s, peak RSS {memory['peak_rss_mb']:.0f} MB; "
@@ -79,7 +81,9 @@ def eval_(model: str, windows: int | None, seqlen: int, dataset: str, device: st
     report = {"model": model, **evaluate(model, dataset=dataset, seqlen=seqlen, windows=windows, device=device)}
     rows = [["perplexity", f"{report['ppl']:.3f}"], ["protocol", _protocol(report)],
             ["parameters", f"{report['parameters']:,}"], ["nonzero parameters", f"{report['nonzero_parameters']:,}"],
-            ["weights on disk", _mb(report["bytes_on_disk"])], ["wall time", f"{report['eval_wall_s']} s"],
+            ["weights on disk", _mb(report["bytes_on_disk"])],
+            ["bits per weight (quantized linears)", _bits(report["linear_bits_per_weight"])],
+            ["wall time", f"{report['eval_wall_s']} s"],
             ["peak RSS", f"{report['peak_rss_mb']:.0f} MB"], ["device", report["device"]]]
     click.echo(tabulate(rows, tablefmt="github", headers=[model, ""]))
     text = json.dumps(report, indent=2)
@@ -93,7 +97,7 @@ def eval_(model: str, windows: int | None, seqlen: int, dataset: str, device: st
 @click.option("--modules", is_flag=True, help="List every compressed module.")
 def info(checkpoint: str, modules: bool) -> None:
     """Summarise what was done to which modules of CHECKPOINT."""
-    from compressor.checkpoint import read_compression_config, weight_bytes
+    from compressor.checkpoint import linear_bits_per_weight, read_compression_config, weight_bytes
 
     cc = read_compression_config(checkpoint) if Path(checkpoint).is_dir() else None
     if cc is None:
@@ -102,6 +106,7 @@ def info(checkpoint: str, modules: bool) -> None:
     recipe = cc["recipe"]
     click.echo(f"checkpoint: {checkpoint}\nsource model: {cc['source']}\ndtype: {recipe['dtype']}\n"
                f"weights on disk: {_mb(weight_bytes(checkpoint))}\n"
+               f"bits per weight of the quantized linears: {_bits(linear_bits_per_weight(cc))}\n"
                f"versions: {', '.join(f'{k} {v}' for k, v in cc['versions'].items())}")
     by_pass: dict[str, list[dict]] = defaultdict(list)
     for records in cc["modules"].values():
@@ -129,6 +134,10 @@ def _describe(record: dict) -> str:
 def _protocol(report: dict) -> str:
     windows = "full split" if report["windows"] == report["windows_in_split"] else f"windows={report['windows']}"
     return f"{report['protocol']}, L={report['seqlen']}, {windows}"
+
+
+def _bits(bits: float | None) -> str:
+    return "-" if bits is None else f"{bits:.3f}"
 
 
 def _mb(n: int | None) -> str:

@@ -75,14 +75,15 @@ def write(rows: list[dict], stem: Path, command: str) -> None:
              f"Machine: {machine()}. Calibration where a method uses it: wikileads-calib-v1, "
              f"{CALIBRATION['samples']} x {CALIBRATION['seqlen']}, seed {CALIBRATION['seed']}.", "",
              "| model | method | PPL | x dense | protocol | L | windows | nonzero params | weights on disk | "
-             "compress wall | compress peak RSS | eval wall | eval peak RSS |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "bits/weight (quantized linears) | compress wall | compress peak RSS | eval wall | eval peak RSS |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     dense = {r["model"]: r["ppl"] for r in rows if r["method"] == "dense"}
     for r in rows:
         ratio = f"{r['ppl'] / dense[r['model']]:.2f}" if r["model"] in dense else "-"
         lines.append(f"| {r['model']} | {r['method']} | {r['ppl']:.3f} | {ratio} | {r['protocol']} | {r['seqlen']} | "
                      f"{r['windows']} of {r['windows_in_split']} | {r['nonzero_parameters']:,} | "
-                     f"{r['bytes_on_disk'] / 1e6:.1f} MB | {r.get('compress_wall_s', '-')} s | "
+                     f"{r['bytes_on_disk'] / 1e6:.1f} MB | {r.get('linear_bits_per_weight') or 0:.3f} | "
+                     f"{r.get('compress_wall_s', '-')} s | "
                      f"{r.get('compress_peak_rss_mb', '-')} MB | {r['eval_wall_s']} s | {r['peak_rss_mb']} MB |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 

@@ -38,6 +38,11 @@ def test_w2_with_lrec_checkpoint_round_trip(llama_dir, corpus, tmp_path):
     assert [r["pass"] for r in record] == ["gptq", "lrec"]
     assert record[1]["output_error_kept"] < 1
     assert record[1]["bits_per_weight"] == pytest.approx(record[0]["bits_per_weight"] + 8 * 128 * 16 / 64**2, rel=1e-3)
+    report = compressor.evaluate(str(out), dataset=str(corpus), seqlen=64, windows=1, progress=False)
+    # per linear: 2-bit codes, a 16-bit scale and an 8-bit zero per 32 weights, rank-8 float16 factors
+    shapes = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, QuantLinear)]
+    bits = sum(o * i * 2 + o * (i // 32) * 24 + 8 * (i + o) * 16 for i, o in shapes)
+    assert report["linear_bits_per_weight"] == pytest.approx(bits / sum(i * o for i, o in shapes), rel=1e-3)
     ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
     loaded = compressor.load(out)
     with torch.no_grad():

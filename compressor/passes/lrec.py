@@ -75,6 +75,6 @@ class LREC(Pass):
 
         residual = error - (q.lora_a.float() @ q.lora_b.float()).T
         before, after = output_error(error), output_error(residual)
-        return q, {"pass": self.name, "rank": self.rank, "whiten": self.whiten,
+        return q, {"pass": self.name, "rank": self.rank, "whiten": self.whiten, "weights": error.numel(),
                    "bits_per_weight": round(q.bits_per_weight(), 4),
                    "output_error_kept": after / before if before else 0.0, "runtime": q.runtime_config()}

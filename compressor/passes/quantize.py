@@ -155,7 +155,8 @@ class _Quantize(Pass):
         q.dense_weight = weight  # for a correcting pass (lrec) during compression; not saved
         error = (q.weight_dequantized(torch.float32) - weight).norm() / weight.norm().clamp_min(1e-12)
         return q, {"pass": self.name, "bits": self.bits, "group_size": group_size, "symmetric": self.symmetric,
-                   "bits_per_weight": round(q.bits_per_weight(), 4), "relative_weight_error": error.item(),
+                   "weights": weight.numel(), "bits_per_weight": round(q.bits_per_weight(), 4),
+                   "relative_weight_error": error.item(),
                    "runtime": q.runtime_config()}
 
 
