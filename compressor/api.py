@@ -12,6 +12,7 @@ from compressor.engine import compress_model, plan
 from compressor.errors import CompressorError
 from compressor.evaluate import perplexity
 from compressor.models import LoadedModel, adapter_for, load_model
+from compressor.passes.prune import store_sparse
 from compressor.recipe import Recipe, load_recipe
 from compressor.runtime import count_parameters, peak_memory, resolve_device
 
@@ -57,6 +58,7 @@ def _compress_loaded(recipe: Recipe, loaded: LoadedModel, overwrite: bool, progr
         windows = calibration_windows(tokenizer, docs, cal.samples, cal.seqlen, cal.seed)
     with torch.no_grad():
         records = compress_model(model, loaded.adapter, recipe.passes, windows, device, progress)
+        store_sparse(model, records)
     model.compression_config = {"recipe": recipe.resolved(), "recipe_as_written": recipe.raw,
                                 "source": loaded.source, "modules": records}
     if recipe.output:

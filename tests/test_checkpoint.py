@@ -31,8 +31,10 @@ def test_compression_config_records_recipe_modules_and_versions(llama_dir, corpu
                                                      "pattern": "unstructured"}}]
     assert cc["recipe"]["calibration"]["samples"] == 4
     assert len(cc["modules"]) == 21
-    assert cc["modules"]["model.layers.0.mlp.down_proj"] == [{"pass": "magnitude", "pattern": "unstructured",
-                                                              "sparsity": 0.25}]
+    assert cc["modules"]["model.layers.0.mlp.down_proj"] == [{
+        "pass": "magnitude", "pattern": "unstructured", "sparsity": 0.25,
+        # 25% zeros in float32: a bitmask + 75% of the values is smaller than the dense weight
+        "runtime": {"class": "SparseLinear", "pattern": "unstructured", "nnz": 64 * 128 * 3 // 4, "bias": False}}]
     assert {"compressor", "torch", "transformers"} <= set(cc["versions"])
     assert (out / "tokenizer.json").is_file()
 
@@ -57,7 +59,7 @@ def test_compress_in_memory_model(llama_dir, corpus):
     recipe = recipe_dict(llama_dir, corpus, [{"magnitude": {"pattern": "4:8"}}])
     out = compressor.compress(recipe, model=model, tokenizer=tokenizer, progress=False)
     assert out is model
-    w = model.model.layers[2].self_attn.o_proj.weight
+    w = model.model.layers[2].self_attn.o_proj.weight_dense()
     assert ((w != 0).reshape(w.shape[0], -1, 8).sum(-1) == 4).all()
 
 

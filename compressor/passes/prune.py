@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from compressor.errors import CompressorError
+from compressor.nn import SparseLinear
 from compressor.passes.base import ParamError, Pass
 from compressor.passes.quantize import inverse_hessian_cholesky
 
@@ -174,3 +175,18 @@ class SparseGPT(_Prune):
         weight.copy_(pruned.to(weight.dtype))
         zeros = (weight == 0).sum().item()
         return linear, {"pass": self.name, "pattern": self.pattern, "sparsity": zeros / weight.numel()}
+
+
+def store_sparse(model: nn.Module, records: dict[str, list[dict]]) -> None:
+    """Replace every linear that a pruning pass touched last by a SparseLinear, where that stores fewer
+    bytes than the dense weight, and note the runtime module in its record."""
+    pruners = {Magnitude.name, Wanda.name, SparseGPT.name}
+    for name, module_records in records.items():
+        last = module_records[-1]
+        if last["pass"] not in pruners:
+            continue
+        linear = model.get_submodule(name)
+        sparse = SparseLinear.from_linear(linear, last["pattern"])
+        if sparse.storage_bytes() < linear.weight.numel() * linear.weight.element_size():
+            model.set_submodule(name, sparse)
+            last["runtime"] = sparse.runtime_config()

@@ -1,0 +1,106 @@
+"""SparseLinear: a pruned linear stored compactly.
+
+- unstructured: `mask` uint8 [out, ceil(in/8)], bit j % 8 of byte j // 8 set where weight j of the
+  row is kept, and `values` [nnz], the kept weights in row-major order;
+- N:M: `values` [out, in*N/M], the N kept weights of every group of M inputs in column order, and
+  `indices` int32, their positions inside the group (0..M-1) packed by compressor.formats.pack at
+  index_bits(M) bits each (2 bits for M = 4).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compressor.formats import pack, packed_words, unpack
+
+
+def index_bits(m: int) -> int:
+    return next(b for b in (2, 3, 4, 8) if 2**b >= m)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """bool [out, in] -> uint8 [out, ceil(in/8)], little-endian bits."""
+    out_features, in_features = mask.shape
+    padded = F.pad(mask.to(torch.uint8), (0, -in_features % 8)).reshape(out_features, -1, 8)
+    return (padded << torch.arange(8, dtype=torch.uint8, device=mask.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    bits = (packed[..., None] >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
+    return bits.reshape(packed.shape[0], -1)[:, :in_features].bool()
+
+
+class SparseLinear(nn.Module):
+    """y = x W^T + bias with W rebuilt from its kept values (PyTorch reference forward)."""
+
+    def __init__(self, in_features: int, out_features: int, pattern: str, nnz: int = 0, bias: bool = False,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features, self.pattern = in_features, out_features, pattern
+        if pattern == "unstructured":
+            self.register_buffer("mask", torch.zeros(out_features, math.ceil(in_features / 8), dtype=torch.uint8))
+            self.register_buffer("values", torch.zeros(nnz, dtype=dtype))
+        else:
+            n, m = map(int, pattern.split(":"))
+            kept = in_features // m * n
+            self.register_buffer("values", torch.zeros(out_features, kept, dtype=dtype))
+            self.register_buffer("indices", torch.zeros(out_features, packed_words(kept, index_bits(m)),
+                                                        dtype=torch.int32))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, pattern: str) -> "SparseLinear":
+        w = linear.weight.data
+        if pattern == "unstructured":
+            keep = w != 0
+            module = cls(linear.in_features, linear.out_features, pattern, int(keep.sum()),
+                         linear.bias is not None, w.dtype)
+            module.mask.copy_(pack_mask(keep))
+            module.values.copy_(w[keep])
+        else:
+            n, m = map(int, pattern.split(":"))
+            module = cls(linear.in_features, linear.out_features, pattern, 0, linear.bias is not None, w.dtype)
+            groups = w.reshape(w.shape[0], -1, m)
+            if ((groups != 0).sum(-1) > n).any():
+                raise ValueError(f"weight does not follow the {pattern} pattern; it cannot be stored as {pattern}")
+            idx = torch.topk(groups.abs(), n, dim=2).indices.sort(dim=2).values  # the kept positions
+            module.values.copy_(torch.gather(groups, 2, idx).reshape(w.shape[0], -1))
+            module.indices.copy_(pack(idx.reshape(w.shape[0], -1), index_bits(m)))
+        if linear.bias is not None:
+            module.bias.data.copy_(linear.bias.data)
+        return module.to(w.device)
+
+    def weight_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or self.values.dtype
+        w = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=self.values.device)
+        if self.pattern == "unstructured":
+            w[unpack_mask(self.mask, self.in_features)] = self.values.to(dtype)
+            return w
+        n, m = map(int, self.pattern.split(":"))
+        idx = unpack(self.indices, index_bits(m), self.values.shape[1]).long().reshape(self.out_features, -1, n)
+        groups = w.reshape(self.out_features, -1, m)
+        groups.scatter_(2, idx, self.values.to(dtype).reshape(self.out_features, -1, n))
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_dense(x.dtype), self.bias)
+
+    def weight_counts(self) -> tuple[int, int]:
+        w = self.weight_dense()
+        return w.numel(), int(torch.count_nonzero(w))
+
+    def storage_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def runtime_config(self) -> dict:
+        nnz = self.values.numel() if self.pattern == "unstructured" else 0
+        return {"class": "SparseLinear", "pattern": self.pattern, "nnz": nnz, "bias": self.bias is not None}
+
+    @classmethod
+    def from_runtime_config(cls, config: dict, in_features: int, out_features: int, dtype: torch.dtype):
+        return cls(in_features, out_features, config["pattern"], config["nnz"], config["bias"], dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, pattern={self.pattern}"
