@@ -95,12 +95,12 @@ class SparseLinear(nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def runtime_config(self) -> dict:
-        nnz = self.values.numel() if self.pattern == "unstructured" else 0
-        return {"class": "SparseLinear", "pattern": self.pattern, "nnz": nnz, "bias": self.bias is not None}
+        config = {"class": "SparseLinear", "pattern": self.pattern, "bias": self.bias is not None}
+        return config | ({"nnz": self.values.numel()} if self.pattern == "unstructured" else {})
 
     @classmethod
     def from_runtime_config(cls, config: dict, in_features: int, out_features: int, dtype: torch.dtype):
-        return cls(in_features, out_features, config["pattern"], config["nnz"], config["bias"], dtype)
+        return cls(in_features, out_features, config["pattern"], config.get("nnz", 0), config["bias"], dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, pattern={self.pattern}"

@@ -16,6 +16,7 @@ import torch
 from compressor.errors import CompressorError
 from compressor.nn import QuantLinear
 from compressor.passes.base import ParamError, Pass
+from compressor.passes.quantize import check_damp
 
 
 def low_rank_correction(error: torch.Tensor, hessian: torch.Tensor | None, rank: int, damp: float = 0.01):
@@ -50,8 +51,7 @@ class LREC(Pass):
     def validate(self) -> None:
         if self.rank <= 0:
             raise ParamError("rank", f"got {self.rank}; use a positive integer such as 16 or 32")
-        if not 0 <= self.damp < 1:
-            raise ParamError("damp", f"got {self.damp}; allowed: [0, 1)")
+        check_damp(self.damp)
 
     def check_module(self, name: str, linear) -> None:
         if self.rank > min(linear.in_features, linear.out_features):

@@ -15,7 +15,7 @@ from torch import nn
 from compressor.errors import CompressorError
 from compressor.nn import SparseLinear
 from compressor.passes.base import ParamError, Pass
-from compressor.passes.quantize import inverse_hessian_cholesky
+from compressor.passes.quantize import check_damp, inverse_hessian_cholesky
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -164,8 +164,7 @@ class SparseGPT(_Prune):
         nm = parse_pattern(self.pattern)
         if nm and self.block_size % nm[1]:
             raise ParamError("block_size", f"must be a multiple of M = {nm[1]} for pattern {self.pattern}")
-        if not 0 <= self.damp < 1:
-            raise ParamError("damp", f"got {self.damp}; allowed: [0, 1)")
+        check_damp(self.damp)
 
     @torch.no_grad()
     def apply(self, name: str, linear: nn.Linear, hessian: torch.Tensor) -> tuple[nn.Module, dict]:

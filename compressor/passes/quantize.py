@@ -56,6 +56,12 @@ def rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool):
     return codes, torch.stack(scales, 1), torch.stack(zeros, 1)
 
 
+def check_damp(damp: float) -> None:
+    """`damp` adds damp * mean(diag H) to H's diagonal (GPTQ, SparseGPT, LREC)."""
+    if not 0 <= damp < 1:
+        raise ParamError("damp", f"got {damp}; allowed: a fraction of mean(diag H) in [0, 1), e.g. 0.01")
+
+
 def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1: row i, divided by its diagonal entry,
     is how the columns after i must move to absorb an error in column i (GPTQ, SparseGPT)."""
@@ -183,8 +189,7 @@ class GPTQ(_Quantize):
 
     def validate(self) -> None:
         super().validate()
-        if not 0 <= self.damp < 1:
-            raise ParamError("damp", f"got {self.damp}; allowed: a fraction of mean(diag H) in [0, 1), e.g. 0.01")
+        check_damp(self.damp)
         if self.block_size <= 0:
             raise ParamError("block_size", f"got {self.block_size}; use a positive integer such as 128")
 
