@@ -38,10 +38,29 @@ class QuantLinear(nn.Module):
         return dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight_dequantized(x.dtype), self.bias)
+        y = self._kernel_forward(x) if x.is_cuda else None
+        if y is None:
+            y = F.linear(x, self.weight_dequantized(x.dtype), self.bias)
+        elif self.bias is not None:
+            y = y + self.bias.to(x.dtype)
         if self.rank:
             y = y + (x @ self.lora_a.to(x.dtype)) @ self.lora_b.to(x.dtype)
         return y
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x dequant(W)^T through the CUDA kernels (compressor/kernels.py), or None to use the reference."""
+        from compressor import kernels
+
+        if not kernels.supports(self.bits, self.group_size, x):
+            kernels.warn_fallback(f"{self.bits}-bit, group {self.group_size}, {x.dtype} has no kernel")
+            return None
+        ext = kernels.extension()
+        if ext is None:
+            kernels.warn_fallback(kernels.unavailable_reason())
+            return None
+        scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
+        return ext.qmatmul(x.contiguous(), self.qweight, scales.contiguous(), self.zeros, self.bits, self.group_size,
+                           torch.cuda.current_stream(x.device).cuda_stream)
 
     def weight_counts(self) -> tuple[int, int]:
         """(weights this module stands for, how many are nonzero): the dequantized weight and the factors."""
