@@ -4,7 +4,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from compressor import checkpoint
 from compressor.data import calibration_windows, load_documents
@@ -21,8 +21,6 @@ def open_model(source: str, dtype: str = "float32") -> LoadedModel:
     """A compressor checkpoint folder through `checkpoint.load`; any other source through `load_model`."""
     if checkpoint.read_compression_config(source) is None:
         return load_model(source, dtype)
-    from transformers import AutoTokenizer
-
     model = checkpoint.load(source)
     return LoadedModel(model, AutoTokenizer.from_pretrained(source), adapter_for(model), source, Path(source))
 
@@ -106,13 +104,12 @@ def run(recipe_path: "str | Path | dict", overwrite: bool = False, progress: boo
     loaded = load_model(recipe.model, recipe.dtype)
     plan(loaded.model, loaded.adapter, recipe.passes)
     report: dict = {"model": recipe.model, "recipe": recipe.source, "output": recipe.output}
+    size = {"bytes_on_disk": checkpoint.weight_bytes(loaded.folder) if loaded.folder else None}
     if ev:
-        report["before"] = evaluate(loaded.model, loaded.tokenizer, ev.dataset, ev.seqlen, ev.windows,
-                                    recipe.device, progress)
-        report["before"]["bytes_on_disk"] = checkpoint.weight_bytes(loaded.folder) if loaded.folder else None
+        report["before"] = {**evaluate(loaded.model, loaded.tokenizer, ev.dataset, ev.seqlen, ev.windows,
+                                       recipe.device, progress), **size}
     else:
-        report["before"] = {**count_parameters(loaded.model), "bytes_on_disk":
-                            checkpoint.weight_bytes(loaded.folder) if loaded.folder else None}
+        report["before"] = {**count_parameters(loaded.model), **size}
     start = time.perf_counter()
     _compress_loaded(recipe, loaded, overwrite, progress)
     report["compress_wall_s"] = round(time.perf_counter() - start, 1)

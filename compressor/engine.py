@@ -39,10 +39,11 @@ def plan(model: PreTrainedModel, adapter: Adapter, passes: list[Pass]) -> list[l
     state: dict[str, tuple[str, str]] = {}  # linear name -> (what it is now, which pass made it so)
     selected = []
     for p in passes:
-        per_layer = []
+        per_layer, everything = [], []
         for i, layer in enumerate(layers):
             prefix = f"{adapter.layers}.{i}."
             chosen = [(prefix + n, m) for n, m in layer.named_modules() if p.selects(prefix + n, m)]
+            everything += chosen
             for name, linear in chosen:
                 kind, by = state.get(name, ("dense", "the model"))
                 if kind not in p.accepts:
@@ -52,8 +53,7 @@ def plan(model: PreTrainedModel, adapter: Adapter, passes: list[Pass]) -> list[l
                 p.check_module(name, linear)
             per_layer.append([name for name, _ in chosen])
         for target in p.targets:
-            if not any(matches(name, layer.get_submodule(name.removeprefix(f"{adapter.layers}.{i}.")), [target])
-                       for i, (layer, names) in enumerate(zip(layers, per_layer, strict=True)) for name in names):
+            if not any(matches(name, module, [target]) for name, module in everything):
                 raise CompressorError(f"pass {p.name}: target {target!r} matches no linear in the decoder "
                                       f"layers (after ignore); names look like '{adapter.layers}.0.mlp.up_proj', "
                                       "classes like 'Linear', regexes like 're:.*mlp.*'")
