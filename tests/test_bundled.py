@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import compressor
+from compressor.nn import SparseLinear
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +29,8 @@ def test_bundled_model_compresses_saves_and_reloads(model, tmp_path):
     compressed = compressor.compress(recipe, progress=False)
     layer0 = compressed.model.layers[0]
     for linear in (layer0.self_attn.q_proj, layer0.mlp.down_proj):
-        groups = (linear.weight != 0).reshape(linear.out_features, -1, 4).sum(-1)
+        assert isinstance(linear, SparseLinear)  # stored as values + 2-bit indices
+        groups = (linear.weight_dense() != 0).reshape(linear.out_features, -1, 4).sum(-1)
         assert (groups <= 2).all()
     assert compressed.model.layers[2].mlp.up_proj.weight.count_nonzero() > 0.9 * \
         compressed.model.layers[2].mlp.up_proj.weight.numel()
@@ -40,3 +42,4 @@ def test_bundled_model_compresses_saves_and_reloads(model, tmp_path):
     after = compressor.evaluate(str(out), seqlen=256, windows=2, progress=False)
     assert math.isfinite(after["ppl"]) and after["ppl"] > dense["ppl"]
     assert after["nonzero_parameters"] < dense["nonzero_parameters"]
+    assert after["bytes_on_disk"] < dense["bytes_on_disk"]
