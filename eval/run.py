@@ -78,13 +78,17 @@ def write(rows: list[dict], stem: Path, command: str) -> None:
              "bits/weight (quantized linears) | compress wall | compress peak RSS | eval wall | eval peak RSS |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     dense = {r["model"]: r["ppl"] for r in rows if r["method"] == "dense"}
+    notes = [r["note"] for r in rows if r.get("note")]
     for r in rows:
+        mark = f" [{notes.index(r['note']) + 1}]" if r.get("note") else ""
         ratio = f"{r['ppl'] / dense[r['model']]:.2f}" if r["model"] in dense else "-"
-        lines.append(f"| {r['model']} | {r['method']} | {r['ppl']:.3f} | {ratio} | {r['protocol']} | {r['seqlen']} | "
+        lines.append(f"| {r['model']} | {r['method']}{mark} | {r['ppl']:.3f} | {ratio} | {r['protocol']} | "
+                     f"{r['seqlen']} | "
                      f"{r['windows']} of {r['windows_in_split']} | {r['nonzero_parameters']:,} | "
                      f"{r['bytes_on_disk'] / 1e6:.1f} MB | {r.get('linear_bits_per_weight') or 0:.3f} | "
                      f"{r.get('compress_wall_s', '-')} s | "
                      f"{r.get('compress_peak_rss_mb', '-')} MB | {r['eval_wall_s']} s | {r['peak_rss_mb']} MB |")
+    lines += [""] + [f"[{i}] {note}" for i, note in enumerate(notes, 1)]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -102,6 +106,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, help="first N eval windows only (quick sweep)")
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--methods", nargs="+", help="a subset of the suite's methods")
+    parser.add_argument("--render", action="store_true", help="only rewrite the .md from the .json")
     args = parser.parse_args()
     methods = SUITES[args.suite]
     for method in args.methods or []:
@@ -113,6 +118,9 @@ def main() -> None:
                        + (["--models", *args.models] if args.models != MODELS else [])
                        + (["--methods", *(f'"{m}"' for m in args.methods)] if args.methods else []))
     rows = json.loads(stem.with_suffix(".json").read_text())["rows"] if stem.with_suffix(".json").exists() else []
+    if args.render:
+        write(rows, stem, json.loads(stem.with_suffix(".json").read_text())["command"])
+        return
     done = {(r["model"], r["method"]) for r in rows}
     with tempfile.TemporaryDirectory(dir=ROOT / "eval") as tmp:
         for model in args.models:
