@@ -68,24 +68,29 @@ def run_job(model: str, method: str, passes: list | None, windows: int | None, w
     return {**json.loads(eval_path.read_text()), **row}  # row's model: the source, not the checkpoint path
 
 
-def write(rows: list[dict], stem: Path, command: str) -> None:
-    stem.with_suffix(".json").write_text(json.dumps({"command": command, "machine": machine(), "rows": rows},
-                                                    indent=2) + "\n")
+def _bits(bits: float | None) -> str:
+    return "-" if bits is None else f"{bits:.3f}"
+
+
+def write(rows: list[dict], stem: Path, command: str, conditions: str = "") -> None:
+    """Write SUITE.json and SUITE.md; `conditions` says what else ran on the machine meanwhile."""
+    stem.with_suffix(".json").write_text(json.dumps({"command": command, "machine": machine(),
+                                                     "conditions": conditions, "rows": rows}, indent=2) + "\n")
     lines = [f"# {stem.name}", "", f"Reproduce: `{command}` (each run adds the jobs not yet in the file)", "",
              f"Machine: {machine()}. Calibration where a method uses it: wikileads-calib-v1, "
-             f"{CALIBRATION['samples']} x {CALIBRATION['seqlen']}, seed {CALIBRATION['seed']}.", "",
+             f"{CALIBRATION['samples']} x {CALIBRATION['seqlen']}, seed {CALIBRATION['seed']}. {conditions}", "",
              "| model | method | PPL | x dense | protocol | L | windows | nonzero params | weights on disk | "
              "bits/weight (quantized linears) | compress wall | compress peak RSS | eval wall | eval peak RSS |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     dense = {r["model"]: r["ppl"] for r in rows if r["method"] == "dense"}
-    notes = [r["note"] for r in rows if r.get("note")]
+    notes = list(dict.fromkeys(r["note"] for r in rows if r.get("note")))
     for r in rows:
         mark = f" [{notes.index(r['note']) + 1}]" if r.get("note") else ""
         ratio = f"{r['ppl'] / dense[r['model']]:.2f}" if r["model"] in dense else "-"
         lines.append(f"| {r['model']} | {r['method']}{mark} | {r['ppl']:.3f} | {ratio} | {r['protocol']} | "
                      f"{r['seqlen']} | "
                      f"{r['windows']} of {r['windows_in_split']} | {r['nonzero_parameters']:,} | "
-                     f"{r['bytes_on_disk'] / 1e6:.1f} MB | {r.get('linear_bits_per_weight') or 0:.3f} | "
+                     f"{r['bytes_on_disk'] / 1e6:.1f} MB | {_bits(r.get('linear_bits_per_weight'))} | "
                      f"{r.get('compress_wall_s', '-')} s | "
                      f"{r.get('compress_peak_rss_mb', '-')} MB | {r['eval_wall_s']} s | {r['peak_rss_mb']} MB |")
     lines += [""] + [f"[{i}] {note}" for i, note in enumerate(notes, 1)]
@@ -119,7 +124,8 @@ def main() -> None:
                        + (["--methods", *(f'"{m}"' for m in args.methods)] if args.methods else []))
     rows = json.loads(stem.with_suffix(".json").read_text())["rows"] if stem.with_suffix(".json").exists() else []
     if args.render:
-        write(rows, stem, json.loads(stem.with_suffix(".json").read_text())["command"])
+        saved = json.loads(stem.with_suffix(".json").read_text())
+        write(rows, stem, saved["command"], saved.get("conditions", ""))
         return
     done = {(r["model"], r["method"]) for r in rows}
     with tempfile.TemporaryDirectory(dir=ROOT / "eval") as tmp:
