@@ -101,10 +101,10 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> PreTrainedMode
 
 def linear_bits_per_weight(compression_config: dict) -> float | None:
     """Storage bits per weight over the quantized linears (codes, scales, zeros, low-rank factors),
-    weighted by each linear's size; None when nothing was quantized."""
+    weighted by each linear's size; None when nothing was quantized or the records lack the sizes."""
     sized = [[r for r in records if "bits_per_weight" in r][-1] for records in compression_config["modules"].values()
              if any("bits_per_weight" in r for r in records)]
-    if not sized:
+    if not sized or any("weights" not in r for r in sized):
         return None
     return sum(r["bits_per_weight"] * r["weights"] for r in sized) / sum(r["weights"] for r in sized)
 

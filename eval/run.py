@@ -14,6 +14,7 @@ Writes eval/results/SUITE[-windowsN].json and .md after every job.
 import argparse
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -128,15 +129,20 @@ def main() -> None:
         write(rows, stem, saved["command"], saved.get("conditions", ""))
         return
     done = {(r["model"], r["method"]) for r in rows}
-    with tempfile.TemporaryDirectory(dir=ROOT / "eval") as tmp:
-        for model in args.models:
-            for method in args.methods or methods:
-                if (model, method) in done:  # results accumulate across runs; delete the file to redo
-                    continue
-                start = time.perf_counter()
+    # Checkpoints go to a temporary folder, deleted after a clean run and kept (and named) after a failure.
+    tmp = tempfile.mkdtemp(dir=ROOT / "eval")
+    for model in args.models:
+        for method in args.methods or methods:
+            if (model, method) in done:  # results accumulate across runs; delete the file to redo
+                continue
+            start = time.perf_counter()
+            try:
                 rows.append(run_job(model, method, methods[method], args.windows, Path(tmp)))
-                print(f"{model} {method}: ppl {rows[-1]['ppl']:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
-                write(rows, stem, command)
+            except subprocess.CalledProcessError:
+                sys.exit(f"{model} {method} failed; its files are kept in {tmp}")
+            print(f"{model} {method}: ppl {rows[-1]['ppl']:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
+            write(rows, stem, command)
+    shutil.rmtree(tmp)
 
 
 if __name__ == "__main__":
