@@ -118,3 +118,15 @@ def test_bad_quantization_parameters():
     with pytest.raises(CompressorError, match="layers.3.mlp.up_proj has NaN"):
         RTN(bits=4).apply("layers.3.mlp.up_proj", linear, None)
     assert GPTQ.stats == "hessian"
+
+
+def test_bits_per_weight_summary_weights_by_size_and_tolerates_records_without_sizes():
+    from compressor.checkpoint import linear_bits_per_weight
+
+    modules = {"a": [{"pass": "gptq", "bits_per_weight": 4.0, "weights": 300}],
+               "b": [{"pass": "gptq", "bits_per_weight": 2.0, "weights": 100},
+                     {"pass": "lrec", "bits_per_weight": 6.0, "weights": 100}],
+               "c": [{"pass": "magnitude", "sparsity": 0.5}]}
+    assert linear_bits_per_weight({"modules": modules}) == pytest.approx((4.0 * 300 + 6.0 * 100) / 400)
+    assert linear_bits_per_weight({"modules": {"a": [{"pass": "gptq", "bits_per_weight": 4.0}]}}) is None
+    assert linear_bits_per_weight({"modules": {"c": modules["c"]}}) is None
