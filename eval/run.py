@@ -36,7 +36,8 @@ SUITES = {
     "quantization": {
         "dense": None,
         "RTN W4 g64": [{"rtn": {"bits": 4, "group_size": 64}}],
-        "GPTQ W4 g64": [{"gptq": {"bits": 4, "group_size": 64}}],
+        "GPTQ W4 g64": [{"gptq": {"bits": 4, "group_size": 64, "act_order": False}}],
+        "GPTQ W4 g64 act-order": [{"gptq": {"bits": 4, "group_size": 64, "act_order": True}}],
         "GPTQ W4 g128": [{"gptq": {"bits": 4, "group_size": 128}}],
         "GPTQ W3 g64": [{"gptq": {"bits": 3, "group_size": 64}}],
         "GPTQ W2 g64": [{"gptq": {"bits": 2, "group_size": 64}}],

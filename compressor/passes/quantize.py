@@ -178,14 +178,15 @@ class RTN(_Quantize):
 
 @dataclass
 class GPTQ(_Quantize):
-    """GPTQ with damping, lazy block updates and optional act-order (static groups)."""
+    """GPTQ with damping, lazy block updates and act-order with static groups (the default: on SmolLM2,
+    W4 g64, windows=8, it gave 17.16 against 19.96 without act-order and 18.87 for RTN)."""
 
     name: ClassVar[str] = "gptq"
     stats: ClassVar[str | None] = "hessian"
 
     damp: float = 0.01
     block_size: int = 128
-    act_order: bool = False
+    act_order: bool = True
 
     def validate(self) -> None:
         super().validate()
