@@ -8,7 +8,7 @@ rank-r fix is the truncated SVD in that whitened basis (EoRA / QERA):
 stay as they are; the factors are stored in float16 and counted in bits per weight.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -46,7 +46,6 @@ class LREC(Pass):
     rank: int = 32
     whiten: bool = True
     damp: float = 0.01
-    targets: list[str] = field(default_factory=lambda: ["Linear"])
 
     def validate(self) -> None:
         if self.rank <= 0:
