@@ -39,11 +39,13 @@ class SparseLinear(nn.Module):
                  dtype: torch.dtype = torch.float32):
         super().__init__()
         self.in_features, self.out_features, self.pattern = in_features, out_features, pattern
-        if pattern == "unstructured":
+        # N:M as integers, parsed once (None for unstructured)
+        self.nm = None if pattern == "unstructured" else tuple(map(int, pattern.split(":")))
+        if self.nm is None:
             self.register_buffer("mask", torch.zeros(out_features, math.ceil(in_features / 8), dtype=torch.uint8))
             self.register_buffer("values", torch.zeros(nnz, dtype=dtype))
         else:
-            n, m = map(int, pattern.split(":"))
+            n, m = self.nm
             kept = in_features // m * n
             self.register_buffer("values", torch.zeros(out_features, kept, dtype=dtype))
             self.register_buffer("indices", torch.zeros(out_features, packed_words(kept, index_bits(m)),
@@ -60,8 +62,8 @@ class SparseLinear(nn.Module):
             module.mask.copy_(pack_mask(keep))
             module.values.copy_(w[keep])
         else:
-            n, m = map(int, pattern.split(":"))
             module = cls(linear.in_features, linear.out_features, pattern, 0, linear.bias is not None, w.dtype)
+            n, m = module.nm
             groups = w.reshape(w.shape[0], -1, m)
             if ((groups != 0).sum(-1) > n).any():
                 raise ValueError(f"weight does not follow the {pattern} pattern; it cannot be stored as {pattern}")
@@ -78,7 +80,7 @@ class SparseLinear(nn.Module):
         if self.pattern == "unstructured":
             w[unpack_mask(self.mask, self.in_features)] = self.values.to(dtype)
             return w
-        n, m = map(int, self.pattern.split(":"))
+        n, m = self.nm
         idx = unpack(self.indices, index_bits(m), self.values.shape[1]).long().reshape(self.out_features, -1, n)
         groups = w.reshape(self.out_features, -1, m)
         groups.scatter_(2, idx, self.values.to(dtype).reshape(self.out_features, -1, n))
