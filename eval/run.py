@@ -43,7 +43,26 @@ SUITES = {
         "GPTQ W2 g64": [{"gptq": {"bits": 2, "group_size": 64}}],
         "GPTQ W2 g64 + LREC r32": [{"gptq": {"bits": 2, "group_size": 64}}, {"lrec": {"rank": 32}}],
     },
+    "pruning": {"dense": None} | {
+        f"{method} {label}": [{method: setting}]
+        for label, setting in [("50%", {"sparsity": 0.5}), ("2:4", {"pattern": "2:4"}), ("4:8", {"pattern": "4:8"}),
+                               ("60%", {"sparsity": 0.6}), ("70%", {"sparsity": 0.7})]
+        for method in ["magnitude", "wanda", "sparsegpt"]
+    },
 }
+
+
+def measured_elsewhere(suite: str, model: str, method: str, suffix: str) -> dict | None:
+    """The row of the same job (same model, method name and passes, same window count) in another suite's
+    results, so that a suite does not re-measure what another already has."""
+    for other, methods in SUITES.items():
+        path = ROOT / "eval" / "results" / f"{other}{suffix}.json"
+        if other == suite or methods.get(method, 0) != SUITES[suite][method] or not path.exists():
+            continue
+        for row in json.loads(path.read_text())["rows"]:
+            if (row["model"], row["method"]) == (model, method):
+                return {**row, "note": row.get("note") or f"measured in the {other} suite ({path.name})"}
+    return None
 
 
 def compress_cmd(*args: str) -> list[str]:
@@ -135,6 +154,10 @@ def main() -> None:
     for model in args.models:
         for method in args.methods or methods:
             if (model, method) in done:  # results accumulate across runs; delete the file to redo
+                continue
+            if row := measured_elsewhere(args.suite, model, method, suffix):
+                rows.append(row)
+                write(rows, stem, command)
                 continue
             start = time.perf_counter()
             try:
