@@ -54,11 +54,13 @@ def _compress_loaded(recipe: Recipe, loaded: LoadedModel, overwrite: bool, progr
         cal = recipe.calibration
         docs = load_documents(cal.dataset, "calibration", cal.text_field)
         windows = calibration_windows(tokenizer, docs, cal.samples, cal.seqlen, cal.seed)
+    dense = count_parameters(model)
     with torch.no_grad():
         records = compress_model(model, loaded.adapter, recipe.passes, windows, device, progress)
         store_sparse(model, records)
     model.compression_config = {"recipe": recipe.resolved(), "recipe_as_written": recipe.raw,
-                                "source": loaded.source, "modules": records}
+                                "source": loaded.source, "modules": records,
+                                "parameters": {"dense": dense, "compressed": count_parameters(model)}}
     if recipe.output:
         checkpoint.save(model, tokenizer, recipe.output, model.compression_config, overwrite)
     return model

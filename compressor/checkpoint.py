@@ -81,11 +81,13 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> PreTrainedMode
     dtype = getattr(torch, cc["recipe"]["dtype"])
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path))).to(dtype)
     for name, records in cc["modules"].items():
-        runtime = [r["runtime"] for r in records if "runtime" in r]
-        if runtime:
-            old = model.get_submodule(name)
-            cls = RUNTIME_MODULES[runtime[-1]["class"]]
-            model.set_submodule(name, cls.from_runtime_config(runtime[-1], old.in_features, old.out_features, dtype))
+        for runtime in (r["runtime"] for r in records if "runtime" in r):  # in the order the passes ran
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            module = RUNTIME_MODULES[runtime["class"]](runtime, getattr(parent, child, None), dtype)
+            setattr(parent, child, module)
+            if hasattr(module, "attach"):
+                module.attach(parent)
     state = {}
     for shard in sorted(Path(path).glob("*.safetensors")):
         state.update(load_file(shard))

@@ -13,6 +13,9 @@ from tabulate import tabulate
 
 from compressor.errors import CompressorError
 
+PARAMETER_ROWS = [("parameters", "parameters"), ("nonzero_parameters", "nonzero parameters"),
+                  ("parameters_without_embeddings", "parameters without embeddings and head")]
+
 
 class _Command(click.Command):
     """Turns CompressorError into one message on stderr and exit code 2."""
@@ -50,8 +53,8 @@ def run(recipe: str, overwrite: bool, json_path: str | None) -> None:
     rows = []
     if "ppl" in before:
         rows.append([f"perplexity ({_protocol(before)})", f"{before['ppl']:.3f}", f"{after['ppl']:.3f}"])
-    rows += [["parameters", f"{before['parameters']:,}", f"{after['parameters']:,}"],
-             ["nonzero parameters", f"{before['nonzero_parameters']:,}", f"{after['nonzero_parameters']:,}"],
+    rows += [[label, f"{before[key]:,}", f"{after[key]:,}"] for key, label in PARAMETER_ROWS]
+    rows += [
              ["weights on disk", _mb(before.get("bytes_on_disk")), _mb(after.get("bytes_on_disk"))]]
     if after.get("linear_bits_per_weight"):
         rows.append(["bits per weight (quantized linears)", "-", _bits(after["linear_bits_per_weight"])])
@@ -80,7 +83,7 @@ def eval_(model: str, windows: int | None, seqlen: int, dataset: str, device: st
 
     report = {"model": model, **evaluate(model, dataset=dataset, seqlen=seqlen, windows=windows, device=device)}
     rows = [["perplexity", f"{report['ppl']:.3f}"], ["protocol", _protocol(report)],
-            ["parameters", f"{report['parameters']:,}"], ["nonzero parameters", f"{report['nonzero_parameters']:,}"],
+            *([label, f"{report[key]:,}"] for key, label in PARAMETER_ROWS),
             ["weights on disk", _mb(report["bytes_on_disk"])],
             ["bits per weight (quantized linears)", _bits(report["linear_bits_per_weight"])],
             ["wall time", f"{report['eval_wall_s']} s"],
@@ -108,6 +111,14 @@ def info(checkpoint: str, modules: bool) -> None:
                f"weights on disk: {_mb(weight_bytes(checkpoint))}\n"
                f"bits per weight of the quantized linears: {_bits(linear_bits_per_weight(cc))}\n"
                f"versions: {', '.join(f'{k} {v}' for k, v in cc['versions'].items())}")
+    if "parameters" in cc:
+        for key, label in PARAMETER_ROWS:
+            dense, now = cc["parameters"]["dense"][key], cc["parameters"]["compressed"][key]
+            click.echo(f"{label}: {now:,} of {dense:,} dense ({now / dense:.1%})")
+    widths = residual_widths(cc)
+    if widths:
+        click.echo("residual stream width per decoder layer: " + ", ".join(
+            f"{layers} {width}" for width, layers in widths))
     by_pass: dict[str, list[dict]] = defaultdict(list)
     for records in cc["modules"].values():
         for r in records:
@@ -124,6 +135,19 @@ def info(checkpoint: str, modules: bool) -> None:
     if modules:
         rows = [[name, "; ".join(_describe(r) for r in records)] for name, records in cc["modules"].items()]
         click.echo(tabulate(rows, headers=["module", "what was done"], tablefmt="github"))
+
+
+def residual_widths(cc: dict) -> list[tuple[int, str]]:
+    """[(width, "layers a-b")] from the records a slice pass leaves on each decoder layer."""
+    per_layer = {int(name.rpartition(".")[2]): records[-1]["width"] for name, records in cc["modules"].items()
+                 if name.rpartition(".")[2].isdigit() and records[-1]["pass"] == "slice"}
+    runs: list[list[int]] = []  # [width, first layer, last layer]
+    for layer in sorted(per_layer):
+        if runs and runs[-1][0] == per_layer[layer] and runs[-1][2] == layer - 1:
+            runs[-1][2] = layer
+        else:
+            runs.append([per_layer[layer], layer, layer])
+    return [(w, f"layer {a}" if a == b else f"layers {a}-{b}") for w, a, b in runs]
 
 
 def _describe(record: dict) -> str:

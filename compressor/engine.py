@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 from compressor.errors import CompressorError
 from compressor.models import Adapter
 from compressor.passes import Pass
-from compressor.passes.base import matches
+from compressor.passes.base import LayerPass, matches
 
 
 class _Stop(Exception):
@@ -39,6 +39,7 @@ def plan(model: PreTrainedModel, adapter: Adapter, passes: list[Pass]) -> list[l
     state: dict[str, tuple[str, str]] = {}  # linear name -> (what it is now, which pass made it so)
     selected = []
     for p in passes:
+        p.check_adapter(adapter)
         per_layer, everything = [], []
         for i, layer in enumerate(layers):
             prefix = f"{adapter.layers}.{i}."
@@ -84,13 +85,18 @@ def compress_model(model: PreTrainedModel, adapter: Adapter, passes: list[Pass],
         kwargs = _to(layer_kwargs[i], device) if needs_data else {}
         for p, per_layer in zip(passes, targets, strict=True):
             start = time.perf_counter()
-            linears = {name: model.get_submodule(name) for name in per_layer[i]}
-            stats = collect_stats(layer, linears, hidden, kwargs, p.stats, device) if p.stats else {}
-            for name, linear in linears.items():
-                module, record = p.apply(name, linear, stats.pop(name, None))
-                if module is not linear:
-                    model.set_submodule(name, module)
-                records[name].append(record)
+            if isinstance(p, LayerPass):
+                hidden, done = p.apply_layer(model, adapter, i, layer, hidden, kwargs, device)
+                for name, record in done.items():
+                    records[name].append(record)
+            else:
+                linears = {name: model.get_submodule(name) for name in per_layer[i]}
+                stats = collect_stats(layer, linears, hidden, kwargs, p.stats, device) if p.stats else {}
+                for name, linear in linears.items():
+                    module, record = p.apply(name, linear, stats.pop(name, None))
+                    if module is not linear:
+                        model.set_submodule(name, module)
+                    records[name].append(record)
             bar.set_description(f"layer {i + 1}/{len(layers)} {p.name}")
             bar.set_postfix_str(f"{time.perf_counter() - start:.1f}s")
             bar.update()
@@ -99,6 +105,10 @@ def compress_model(model: PreTrainedModel, adapter: Adapter, passes: list[Pass],
         for module in layer.modules():
             module.__dict__.pop("dense_weight", None)  # float copies kept by quantizers for lrec
         layer.to(home)
+    for p in passes:
+        if isinstance(p, LayerPass):
+            for name, record in p.finish(model, adapter).items():
+                records[name].append(record)
     bar.close()
     return dict(records)
 

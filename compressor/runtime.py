@@ -31,8 +31,9 @@ def peak_memory(device: torch.device) -> dict[str, float]:
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Parameters (shared ones counted once) and how many are nonzero. A runtime module that stores its
-    weight in another form (QuantLinear) counts the weights it stands for (`weight_counts()`)."""
+    """Parameters (shared ones counted once), how many are nonzero, and how many are outside the input
+    embeddings and the output head. A runtime module that stores its weight in another form
+    (QuantLinear) counts the weights it stands for (`weight_counts()`)."""
     params = list({id(p): p for p in model.parameters()}.values())
     total = sum(p.numel() for p in params)
     nonzero = sum(int(torch.count_nonzero(p)) for p in params)
@@ -40,4 +41,6 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         if hasattr(module, "weight_counts"):
             n, nz = module.weight_counts()
             total, nonzero = total + n, nonzero + nz
-    return {"parameters": total, "nonzero_parameters": nonzero}
+    ends = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    embedding = sum(p.numel() for p in {id(p): p for m in ends for p in m.parameters()}.values())
+    return {"parameters": total, "nonzero_parameters": nonzero, "parameters_without_embeddings": total - embedding}

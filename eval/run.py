@@ -49,6 +49,13 @@ SUITES = {
                                ("60%", {"sparsity": 0.6}), ("70%", {"sparsity": 0.7})]
         for method in ["magnitude", "wanda", "sparsegpt"]
     },
+    "slicing": {"dense": None} | {f"slice {pct}%": [{"slice": {"fraction": pct / 100}}] for pct in (10, 20, 25, 30)} | {
+        "slice 25% + GPTQ W4 g64": [{"slice": {"fraction": 0.25}}, {"gptq": {"bits": 4, "group_size": 64}}],
+    },
+    "lowrank": {"dense": None} | {
+        f"lowrank {method} -{cut}%": [{"lowrank": {"param_ratio": 1 - cut / 100, "method": method}}]
+        for cut in (10, 20, 30, 40) for method in ("activation", "svd")
+    },
 }
 
 
@@ -89,6 +96,10 @@ def run_job(model: str, method: str, passes: list | None, windows: int | None, w
     return {**json.loads(eval_path.read_text()), **row}  # row's model: the source, not the checkpoint path
 
 
+def _count(n: int | None) -> str:
+    return "-" if n is None else f"{n:,}"
+
+
 def _bits(bits: float | None) -> str:
     return "-" if bits is None else f"{bits:.3f}"
 
@@ -100,9 +111,10 @@ def write(rows: list[dict], stem: Path, command: str, conditions: str = "") -> N
     lines = [f"# {stem.name}", "", f"Reproduce: `{command}` (each run adds the jobs not yet in the file)", "",
              f"Machine: {machine()}. Calibration where a method uses it: wikileads-calib-v1, "
              f"{CALIBRATION['samples']} x {CALIBRATION['seqlen']}, seed {CALIBRATION['seed']}. {conditions}", "",
-             "| model | method | PPL | x dense | protocol | L | windows | nonzero params | weights on disk | "
+             "| model | method | PPL | x dense | protocol | L | windows | params | nonzero params | "
+             "params without embeddings and head | weights on disk | "
              "bits/weight (quantized linears) | compress wall | compress peak RSS | eval wall | eval peak RSS |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     dense = {r["model"]: r["ppl"] for r in rows if r["method"] == "dense"}
     notes = list(dict.fromkeys(r["note"] for r in rows if r.get("note")))
     for r in rows:
@@ -110,7 +122,8 @@ def write(rows: list[dict], stem: Path, command: str, conditions: str = "") -> N
         ratio = f"{r['ppl'] / dense[r['model']]:.2f}" if r["model"] in dense else "-"
         lines.append(f"| {r['model']} | {r['method']}{mark} | {r['ppl']:.3f} | {ratio} | {r['protocol']} | "
                      f"{r['seqlen']} | "
-                     f"{r['windows']} of {r['windows_in_split']} | {r['nonzero_parameters']:,} | "
+                     f"{r['windows']} of {r['windows_in_split']} | {r['parameters']:,} | {r['nonzero_parameters']:,} | "
+                     f"{_count(r.get('parameters_without_embeddings'))} | "
                      f"{r['bytes_on_disk'] / 1e6:.1f} MB | {_bits(r.get('linear_bits_per_weight'))} | "
                      f"{r.get('compress_wall_s', '-')} s | "
                      f"{r.get('compress_peak_rss_mb', '-')} MB | {r['eval_wall_s']} s | {r['peak_rss_mb']} MB |")

@@ -22,6 +22,7 @@ class Spy(Pass):
 
     name: ClassVar[str] = "spy"
     stats: ClassVar[str | None] = "input_sq_norms"
+    accepts: ClassVar[tuple[str, ...]] = ("dense", "pruned")
     seen: dict = None
 
     def apply(self, name, linear, stats):

@@ -5,26 +5,6 @@ from conftest import recipe_dict
 import compressor
 from compressor.errors import CompressorError
 from compressor.nn import QuantLinear
-from compressor.passes.lrec import low_rank_correction
-
-
-def test_whitened_factors_beat_plain_svd_on_output_error():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(400, 12, generator=g) @ torch.randn(12, 64, generator=g) + 0.1 * torch.randn(400, 64, generator=g)
-    error = torch.randn(32, 64, generator=g)
-    H = x.T @ x
-    out = {}
-    for name, h in [("whitened", H), ("plain", None)]:
-        A, B = low_rank_correction(error, h, rank=8)
-        assert A.shape == (64, 8) and B.shape == (8, 32)
-        out[name] = (x @ (error.T - A @ B)).norm()
-    assert out["whitened"] < 0.5 * out["plain"] < 0.5 * (x @ error.T).norm()
-
-
-def test_full_rank_plain_svd_recovers_the_error_exactly():
-    error = torch.randn(6, 10)
-    A, B = low_rank_correction(error, None, rank=6)
-    torch.testing.assert_close(A @ B, error.T, atol=1e-5, rtol=1e-5)
 
 
 def test_w2_with_lrec_checkpoint_round_trip(llama_dir, corpus, tmp_path):

@@ -1,8 +1,12 @@
-"""Runtime modules that compressed checkpoints are rebuilt from."""
+"""Runtime modules that compressed checkpoints are rebuilt from: class name -> builder(config, old, dtype)."""
 
+from compressor.nn.low_rank_linear import LowRankLinear
 from compressor.nn.quant_linear import QuantLinear
+from compressor.nn.sliced import InputRotation, RMSNormOverWidth, resize
 from compressor.nn.sparse_linear import SparseLinear
 
-RUNTIME_MODULES = {"QuantLinear": QuantLinear, "SparseLinear": SparseLinear}
+RUNTIME_MODULES = {cls.__name__: cls.from_runtime_config
+                   for cls in (QuantLinear, SparseLinear, LowRankLinear, RMSNormOverWidth, InputRotation)}
+RUNTIME_MODULES["Resized"] = resize
 
-__all__ = ["RUNTIME_MODULES", "QuantLinear", "SparseLinear"]
+__all__ = ["RUNTIME_MODULES", "InputRotation", "LowRankLinear", "QuantLinear", "RMSNormOverWidth", "SparseLinear"]

@@ -81,7 +81,8 @@ class QuantLinear(nn.Module):
                 "bias": self.bias is not None, "scale_dtype": str(self.scales.dtype).removeprefix("torch.")}
 
     @classmethod
-    def from_runtime_config(cls, config: dict, in_features: int, out_features: int, dtype: torch.dtype):
+    def from_runtime_config(cls, config: dict, old: nn.Module, dtype: torch.dtype):
+        in_features, out_features = old.in_features, old.out_features
         return cls(in_features, out_features, config["bits"], config["group_size"], config["bias"],
                    getattr(torch, config["scale_dtype"]), dtype, config.get("rank", 0))
 

@@ -101,7 +101,8 @@ class SparseLinear(nn.Module):
         return config | ({"nnz": self.values.numel()} if self.pattern == "unstructured" else {})
 
     @classmethod
-    def from_runtime_config(cls, config: dict, in_features: int, out_features: int, dtype: torch.dtype):
+    def from_runtime_config(cls, config: dict, old: nn.Module, dtype: torch.dtype):
+        in_features, out_features = old.in_features, old.out_features
         return cls(in_features, out_features, config["pattern"], config.get("nnz", 0), config["bias"], dtype)
 
     def extra_repr(self) -> str:

@@ -38,9 +38,9 @@ class Pass:
 
     name: ClassVar[str] = ""
     # Per-linear calibration statistic: None; "input_sq_norms" (sum over tokens of x_j^2, [in], float64);
-    # "hessian" (sum over tokens of x x^T, [in, in], float32).
+    # "hessian" (sum over tokens of x x^T, [in, in], float32); "layer" (a LayerPass that runs the layer itself).
     stats: ClassVar[str | None] = None
-    # What a targeted linear must be before the pass ("dense", "quantized") and what it is after.
+    # What a targeted linear must be before the pass ("dense", "pruned", "quantized", "lowrank") and after.
     accepts: ClassVar[tuple[str, ...]] = ("dense",)
     produces: ClassVar[str] = "dense"
 
@@ -54,6 +54,9 @@ class Pass:
         return isinstance(module, nn.Linear) and matches(name, module, self.targets) \
             and not matches(name, module, self.ignore)
 
+    def check_adapter(self, adapter) -> None:
+        """Check that the pass can run on this architecture at all; raise CompressorError."""
+
     def check_module(self, name: str, linear: nn.Linear) -> None:
         """Check that the pass can run on this linear before any work starts; raise CompressorError."""
 
@@ -62,3 +65,18 @@ class Pass:
         and the record of what was done, which the checkpoint stores. A record with a "runtime" entry
         tells `checkpoint.load` which runtime module to rebuild."""
         raise NotImplementedError
+
+
+class LayerPass(Pass):
+    """A pass that transforms a whole decoder layer and the model around it (slicing), rather than one
+    linear at a time. The engine calls `apply_layer` for every layer in order, then `finish` once."""
+
+    def apply_layer(self, model, adapter, index: int, layer: nn.Module, hidden: list, kwargs: dict,
+                    device) -> tuple[list, dict[str, dict]]:
+        """Transform layer `index`; return its cached calibration inputs (changed if the pass changed what
+        the layer receives) and a record per module changed or added."""
+        raise NotImplementedError
+
+    def finish(self, model, adapter) -> dict[str, dict]:
+        """After the last layer; return a record per module changed or added."""
+        return {}

@@ -1,11 +1,9 @@
 """LREC: low-rank factors that correct a quantized linear's error, y = x Wq^T + (x A) B.
 
-With E = W - Wq [out, in] and the calibration inputs' H = X^T X = U diag(lam) U^T, the layer's
-output error ||X (E^T - A B)||_F is ||S (E^T - A B)||_F for S = diag(sqrt(lam)) U^T. Its best
-rank-r fix is the truncated SVD in that whitened basis (EoRA / QERA):
-    S E^T = P Sigma Q^T,  A = S^-1 P_r Sigma_r^1/2 [in, r],  B = Sigma_r^1/2 Q_r^T [r, out].
-`whiten: false` takes the plain SVD of E^T instead (ZeroQuant-V2's LoRC). The quantized weights
-stay as they are; the factors are stored in float16 and counted in bits per weight.
+With E = W - Wq [out, in], the factors are the truncated SVD of E^T in the basis whitened by the
+calibration inputs (EoRA / QERA; see compressor/passes/svd.py), which minimises the linear's output
+error ||X (E^T - A B)||_F. `whiten: false` takes the plain SVD of E^T instead (ZeroQuant-V2's LoRC).
+The quantized weights stay as they are; the factors are stored in float16 and counted in bits per weight.
 """
 
 from dataclasses import dataclass
@@ -17,21 +15,7 @@ from compressor.errors import CompressorError
 from compressor.nn import QuantLinear
 from compressor.passes.base import ParamError, Pass
 from compressor.passes.quantize import check_damp
-
-
-def low_rank_correction(error: torch.Tensor, hessian: torch.Tensor | None, rank: int, damp: float = 0.01):
-    """error E [out, in], hessian [in, in] or None (plain SVD) -> A [in, rank], B [rank, out]."""
-    M = error.T.double()  # [in, out]
-    if hessian is None:
-        P, sigma, Qt = torch.linalg.svd(M, full_matrices=False)
-        root = sigma[:rank].sqrt()
-        return (P[:, :rank] * root).float(), (root[:, None] * Qt[:rank]).float()
-    lam, U = torch.linalg.eigh(hessian.double())
-    lam = lam.clamp_min(0) + damp * lam.clamp_min(0).mean()
-    P, sigma, Qt = torch.linalg.svd(lam.sqrt()[:, None] * (U.T @ M), full_matrices=False)
-    root = sigma[:rank].sqrt()
-    A = U @ ((P[:, :rank] * root) / lam.sqrt()[:, None])
-    return A.float(), (root[:, None] * Qt[:rank]).float()
+from compressor.passes.svd import split_factors, whitened_svd
 
 
 @dataclass
@@ -64,7 +48,7 @@ class LREC(Pass):
             raise CompressorError(f"lrec: {name} has no float weight to correct; put lrec right after the "
                                   "quantization pass in the same recipe")
         error = dense - q.weight_dequantized(torch.float32)  # [out, in]
-        A, B = low_rank_correction(error, hessian if self.whiten else None, self.rank, self.damp)
+        A, B = split_factors(*whitened_svd(error.T, hessian if self.whiten else None, self.damp), self.rank)
         q.set_low_rank(A, B)
         H = hessian.double()
 

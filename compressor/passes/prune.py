@@ -52,6 +52,9 @@ def nm_keep_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 @dataclass
 class _Prune(Pass):
+    accepts: ClassVar[tuple[str, ...]] = ("dense", "pruned")
+    produces: ClassVar[str] = "pruned"
+
     sparsity: float | None = None
     pattern: str = "unstructured"
 

@@ -130,7 +130,7 @@ class _Quantize(Pass):
     group_size: int | None = 128  # None: one group per output row ("per channel")
     symmetric: bool = True
 
-    accepts: ClassVar[tuple[str, ...]] = ("dense",)
+    accepts: ClassVar[tuple[str, ...]] = ("dense", "pruned")
     produces: ClassVar[str] = "quantized"
 
     def validate(self) -> None:

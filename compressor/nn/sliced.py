@@ -1,0 +1,76 @@
+"""What a sliced model (compressor/passes/slice.py) is rebuilt from.
+
+- `RMSNormOverWidth`: a weightless RMS norm whose mean square is taken over the original width,
+  x / sqrt(sum(x^2) / full_width + eps), so it agrees with the dense model's norm when the deleted
+  dimensions carry nothing.
+- `InputRotation`: x -> x R on the input of the module that holds it (a forward pre-hook of its
+  parent), e.g. the change of basis of the residual stream at the entry of a decoder layer.
+- `resize`: rebuild a linear or embedding whose weights changed shape.
+"""
+
+import torch
+from torch import nn
+
+
+class RMSNormOverWidth(nn.Module):
+    def __init__(self, full_width: int, eps: float):
+        super().__init__()
+        self.full_width, self.eps = full_width, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).sum(-1, keepdim=True) / self.full_width + self.eps)).to(x.dtype)
+
+    def runtime_config(self) -> dict:
+        return {"class": "RMSNormOverWidth", "full_width": self.full_width, "eps": self.eps}
+
+    @classmethod
+    def from_runtime_config(cls, config: dict, old: nn.Module | None, dtype: torch.dtype) -> "RMSNormOverWidth":
+        return cls(config["full_width"], config["eps"])
+
+    def extra_repr(self) -> str:
+        return f"full_width={self.full_width}, eps={self.eps}"
+
+
+class InputRotation(nn.Module):
+    """Holds R [in, out]; `attach(parent)` makes the parent's forward see x R instead of x."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(in_features, out_features, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.to(x.dtype)
+
+    def attach(self, parent: nn.Module) -> None:
+        def rotate_first_input(module, args, kwargs):
+            if args:
+                return (module.input_rotation(args[0]), *args[1:]), kwargs
+            key = next(iter(kwargs))  # called with keywords only: the first one is the input
+            return args, {**kwargs, key: module.input_rotation(kwargs[key])}
+
+        parent.register_forward_pre_hook(rotate_first_input, with_kwargs=True)
+
+    def runtime_config(self) -> dict:
+        return {"class": "InputRotation", "shape": list(self.weight.shape)}
+
+    @classmethod
+    def from_runtime_config(cls, config: dict, old: nn.Module | None, dtype: torch.dtype) -> "InputRotation":
+        return cls(*config["shape"], dtype=dtype)
+
+
+def resize_config(module: nn.Module) -> dict:
+    """The record that lets `resize` rebuild `module` (a linear or embedding) at its current shapes."""
+    attributes = {k: getattr(module, k) for k in ("in_features", "out_features", "embedding_dim")
+                  if hasattr(module, k)}
+    return {"class": "Resized", "shapes": {n: list(p.shape) for n, p in module.named_parameters(recurse=False)},
+            "attributes": attributes}
+
+
+def resize(config: dict, old: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Give `old` empty parameters of the recorded shapes (its values come from the checkpoint)."""
+    for name, shape in config["shapes"].items():
+        setattr(old, name, nn.Parameter(torch.empty(shape, dtype=dtype)))
+    for name, value in config["attributes"].items():
+        setattr(old, name, value)
+    return old

@@ -1,0 +1,40 @@
+"""Truncated SVD, plain or in the basis whitened by calibration activations.
+
+For a linear y = x M (M [in, out]) and calibration inputs X with H = X^T X = U diag(lam) U^T, the
+output error of a rank-r approximation, ||X (M - A B)||_F, equals ||S (M - A B)||_F for
+S = diag(sqrt(lam)) U^T. So the best rank-r A B is the truncated SVD in that whitened basis
+(EoRA, QERA, SVD-LLM):  S M = P Sigma Q^T,  A = S^-1 P_r Sigma_r^1/2,  B = Sigma_r^1/2 Q_r^T.
+Without H (plain SVD) S is the identity and the Frobenius error of M itself is minimised.
+"""
+
+import torch
+
+
+def whitened_svd(M: torch.Tensor, hessian: torch.Tensor | None, damp: float = 0.01,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """M [in, out], hessian [in, in] or None -> (left [in, n], sigma [n], right [n, out]), float64, with
+    M = left diag(sigma) right and sigma descending in the (whitened) output-error norm. `damp` adds that
+    fraction of the mean eigenvalue of H, so inputs that calibration never excites stay invertible."""
+    M = M.double()
+    if hessian is None:
+        P, sigma, Qt = torch.linalg.svd(M, full_matrices=False)
+        return P, sigma, Qt
+    lam, U = torch.linalg.eigh(hessian.double())
+    lam = lam.clamp_min(0) + damp * lam.clamp_min(0).mean()
+    root = lam.sqrt()
+    P, sigma, Qt = torch.linalg.svd(root[:, None] * (U.T @ M), full_matrices=False)
+    return U @ (P / root[:, None]), sigma, Qt
+
+
+def split_factors(left: torch.Tensor, sigma: torch.Tensor, right: torch.Tensor, rank: int,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rank-r factors A [in, r], B [r, out] (float32), sigma split evenly between them."""
+    root = sigma[:rank].sqrt()
+    return (left[:, :rank] * root).float(), (root[:, None] * right[:rank]).float()
+
+
+def energy_rank(sigma: torch.Tensor, energy: float) -> int:
+    """Smallest r whose leading singular values keep `energy` of sum(sigma^2)."""
+    kept = torch.cumsum(sigma.double() ** 2, 0) / (sigma.double() ** 2).sum()
+    index = int(torch.searchsorted(kept, torch.tensor(energy, dtype=kept.dtype)).item())
+    return min(index + 1, len(sigma))

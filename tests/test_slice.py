@@ -1,0 +1,121 @@
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_model_dir, recipe_dict
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import compressor
+from compressor.cli import main
+from compressor.errors import CompressorError
+from compressor.nn import InputRotation, QuantLinear, RMSNormOverWidth
+from compressor.passes.slice import sliced_width
+
+IDS = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def test_width_deletes_a_multiple_of_8():
+    assert [sliced_width(576, f) for f in (0.1, 0.2, 0.25, 0.3)] == [520, 464, 432, 400]
+    assert sliced_width(64, 0.01) == 64
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("slice_embeddings", [None, True])
+def test_rotation_without_deleting_anything_keeps_the_logits(arch, slice_embeddings, corpus, tmp_path):
+    """Folding the norms, rotating and the per-layer change of basis are exact; only deletion changes the model."""
+    folder = make_model_dir(tmp_path / arch, arch)
+    dense = logits(AutoModelForCausalLM.from_pretrained(folder))
+    passes = [{"slice": {"fraction": 0.01, "slice_embeddings": slice_embeddings}}]  # 0.64 dims: rounds to none
+    model = compressor.compress(recipe_dict(folder, corpus, passes), progress=False)
+    assert isinstance(model.model.layers[0].input_layernorm, RMSNormOverWidth)
+    torch.testing.assert_close(logits(model), dense, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_sliced_checkpoint_reloads_with_its_new_shapes(arch, corpus, tmp_path):
+    folder, out = make_model_dir(tmp_path / arch, arch), tmp_path / "sliced"
+    model = compressor.compress(recipe_dict(folder, corpus, [{"slice": {"fraction": 0.25}}], out), progress=False)
+    layer = model.model.layers[1]
+    assert layer.self_attn.q_proj.weight.shape == (64, 48) and layer.mlp.down_proj.weight.shape == (48, 128)
+    assert layer.input_rotation.weight.shape == (48, 48)
+    tied = arch == "llama"  # tiny llama ties its embeddings: they stay full width and tied
+    assert model.model.embed_tokens.weight.shape == ((260, 64) if tied else (260, 48))
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    assert isinstance(getattr(model.model.norm, "input_rotation", None), InputRotation) == tied
+    parameters = model.compression_config["parameters"]
+    assert parameters["compressed"]["parameters_without_embeddings"] < \
+        0.9 * parameters["dense"]["parameters_without_embeddings"]
+    torch.testing.assert_close(logits(compressor.load(out)), logits(model), rtol=0, atol=0)
+
+    result = CliRunner().invoke(main, ["info", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "residual stream width per decoder layer: layers 0-2 48" in result.output
+    assert "parameters without embeddings and head" in result.output
+
+
+def test_untying_slices_embeddings_and_head_separately(llama_dir, corpus):
+    model = compressor.compress(recipe_dict(llama_dir, corpus, [{"slice": {"fraction": 0.25,
+                                                                          "slice_embeddings": True}}]),
+                                progress=False)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert model.lm_head.weight.shape == model.model.embed_tokens.weight.shape == (260, 48)
+    assert model.config.tie_word_embeddings is False
+    assert model.compression_config["modules"]["lm_head"][-1]["untied"] is True
+
+
+def test_a_residual_stream_in_a_subspace_is_sliced_exactly(llama_dir, corpus, tmp_path):
+    """When every write to the residual stream lies in a 48-dim subspace, slicing to 48 dims along the
+    principal axes loses nothing; deleting 16 dims of a random basis does."""
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    U = torch.linalg.qr(torch.randn(64, 48, generator=torch.Generator().manual_seed(0)))[0]
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(model.model.embed_tokens.weight @ U @ U.T)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.copy_(U @ U.T @ layer.self_attn.o_proj.weight)
+            layer.mlp.down_proj.weight.copy_(U @ U.T @ layer.mlp.down_proj.weight)
+    folder = tmp_path / "subspace"
+    model.save_pretrained(folder)
+    ids = AutoTokenizer.from_pretrained(llama_dir)(corpus.read_text()[:300], return_tensors="pt").input_ids
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+    recipe = recipe_dict(llama_dir, corpus, [{"slice": {"fraction": 0.25}}])
+    recipe["calibration"]["samples"] = 16
+    from compressor.passes.slice import Slice
+
+    sliced = compressor.compress(recipe, model=model, tokenizer=AutoTokenizer.from_pretrained(llama_dir),
+                                 progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(sliced(input_ids=ids).logits, dense, atol=1e-4, rtol=1e-4)
+
+    def random_axes(self, mlp_norm, *args):
+        return torch.linalg.qr(torch.randn(64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))[0]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Slice, "principal_axes", random_axes)
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        random = compressor.compress(recipe, model=model, tokenizer=AutoTokenizer.from_pretrained(llama_dir),
+                                     progress=False)
+    with torch.no_grad():
+        assert (random(input_ids=ids).logits - dense).abs().max() > 0.01
+
+
+def test_slice_then_gptq_quantizes_the_smaller_matrices(llama_dir, corpus, tmp_path):
+    out = tmp_path / "ckpt"
+    passes = [{"slice": {"fraction": 0.25}}, {"gptq": {"bits": 4, "group_size": 16}}]
+    model = compressor.compress(recipe_dict(llama_dir, corpus, passes, out), progress=False)
+    q = model.model.layers[2].mlp.gate_proj
+    assert isinstance(q, QuantLinear) and (q.in_features, q.out_features) == (48, 128)
+    records = model.compression_config["modules"]["model.layers.2.mlp.gate_proj"]
+    assert [r["pass"] for r in records] == ["slice", "gptq"]
+    torch.testing.assert_close(logits(compressor.load(out)), logits(model), rtol=0, atol=0)
+
+
+def test_gemma3_sandwich_norms_are_refused_with_the_reason(gemma_dir, corpus, tmp_path):
+    with pytest.raises(CompressorError, match="normalise each attention output .* before adding it"):
+        compressor.compress(recipe_dict(gemma_dir, corpus, [{"slice": {"fraction": 0.25}}], tmp_path / "out"),
+                            progress=False)
+    assert not (tmp_path / "out").exists()
