@@ -4,9 +4,9 @@ axes and delete the dimensions that carry the least variance.
 Per decoder layer i, on the calibration inputs:
 1. Fold the scales of the layer's RMS norms into the linears that read them; the norms become
    weightless RMS norms over the original width D (`RMSNormOverWidth`). Nothing changes yet.
-2. Q_i [D, D]: eigenvectors of C = sum x^T x + sum a^T a, x the residual stream entering the layer
-   and a the one entering its MLP (both in the original basis), by decreasing eigenvalue.
-   Keep Qk = Q_i[:, :k], k = D minus fraction * D rounded to a multiple of 8.
+2. Q_i [D, D]: eigenvectors of C, by decreasing eigenvalue, where C sums X^T X / tr(X^T X) over three
+   points of the residual stream (the layer's input, its MLP's input and its output, in the original
+   basis). Keep Qk = Q_i[:, :k], k = D minus fraction * D rounded to a multiple of 8.
 3. Readers of the residual stream (q, k, v, gate, up): W <- W Qk [out, k]. Writers (o, down):
    W <- Qk^T W [k, in], bias <- Qk^T bias. The layer's input arrives in the previous layer's basis
    (P = Q_{i-1}[:, :k], or the embeddings' basis), so the layer gets an `InputRotation` P^T Qk
@@ -168,26 +168,31 @@ class Slice(LayerPass):
     @torch.no_grad()
     def principal_axes(self, mlp_norm: nn.Module, layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict,
                        device: torch.device) -> torch.Tensor:
-        """Q [D, D] (float64): eigenvectors of the residual stream's second moment at the layer's input and
-        at its MLP's input, in the original basis, by decreasing eigenvalue."""
+        """Q [D, D] (float64), by decreasing eigenvalue: eigenvectors of C = sum over the layer's three points
+        of the residual stream (its input, its MLP's input, its output) of X^T X / tr(X^T X), in the original
+        basis. Each point is normalised by its own energy: the stream grows by orders of magnitude inside the
+        first layers, and an unweighted sum would fit the basis to the largest point alone."""
         width = mlp_norm.full_width
-        C = torch.zeros(width, width, dtype=torch.float64, device=device)
+        C = {point: torch.zeros(width, width, dtype=torch.float64, device=device)
+             for point in ("input", "mlp input", "output")}
 
-        def accumulate(x: torch.Tensor) -> None:
+        def accumulate(point: str, x: torch.Tensor) -> None:
             x = x.reshape(-1, width).double()
             if not torch.isfinite(x).all():
                 raise CompressorError(f"slice: non-finite calibration activations in {type(layer).__name__}")
-            C.add_(x.T @ x)
+            C[point].add_(x.T @ x)
 
-        handle = mlp_norm.register_forward_pre_hook(lambda module, args: accumulate(args[0]))
+        handle = mlp_norm.register_forward_pre_hook(lambda module, args: accumulate("mlp input", args[0]))
         try:
             for h in hidden:
                 x = h.to(device)
                 x = x if self._frame is None else (x.double() @ self._frame.T).to(h.dtype)  # [1, L, D]
-                accumulate(x)
-                layer(x, **kwargs)
+                accumulate("input", x)
+                out = layer(x, **kwargs)
+                accumulate("output", out[0] if isinstance(out, tuple) else out)
         finally:
             handle.remove()
-        C.diagonal().add_(self.damp * C.diagonal().mean())
-        _, Q = torch.linalg.eigh(C)
+        total = sum(c / c.trace() for c in C.values())
+        total.diagonal().add_(self.damp * total.diagonal().mean())
+        _, Q = torch.linalg.eigh(total)
         return Q.flip(-1)
