@@ -12,6 +12,7 @@ from compressor.engine import compress_model, plan
 from compressor.errors import CompressorError
 from compressor.evaluate import perplexity
 from compressor.models import LoadedModel, adapter_for, load_model
+from compressor.nn import SparseLinear
 from compressor.passes.prune import store_sparse
 from compressor.recipe import Recipe, load_recipe
 from compressor.runtime import count_parameters, peak_memory, resolve_device
@@ -66,9 +67,16 @@ def _compress_loaded(recipe: Recipe, loaded: LoadedModel, overwrite: bool, progr
     return model
 
 
-def load(path: str | Path, device: str = "cpu") -> PreTrainedModel:
-    """Load a compressed checkpoint written by `compress`."""
-    return checkpoint.load(path, resolve_device(device))
+def load(path: str | Path, device: str = "cpu", semi_structured: bool = False) -> PreTrainedModel:
+    """Load a compressed checkpoint written by `compress`. With `semi_structured` on a CUDA GPU of compute
+    capability 8.0+, 2:4-pruned float16/bfloat16 linears run as PyTorch semi-structured sparse tensors."""
+    model = checkpoint.load(path, resolve_device(device))
+    if semi_structured:
+        converted = [m.use_semi_structured() for m in model.modules() if isinstance(m, SparseLinear)]
+        if not any(converted):
+            raise CompressorError("semi_structured=True needs 2:4-pruned linears in float16 or bfloat16 on a CUDA "
+                                  "GPU of compute capability 8.0+; none of this model's linears qualify")
+    return model
 
 
 def evaluate(model: "PreTrainedModel | str", tokenizer: PreTrainedTokenizerBase | None = None,

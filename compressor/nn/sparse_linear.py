@@ -87,7 +87,24 @@ class SparseLinear(nn.Module):
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        semi = self.__dict__.get("semi_structured")
+        if semi is not None and x.is_cuda and x.dtype == semi.dtype:
+            y = F.linear(x.reshape(-1, self.in_features), semi).reshape(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias.to(x.dtype)
         return F.linear(x, self.weight_dense(x.dtype), self.bias)
+
+    def use_semi_structured(self) -> bool:
+        """Hold a 2:4 weight as PyTorch's semi-structured sparse tensor, so that forward runs on the sparse
+        tensor cores of a CUDA GPU of compute capability 8.0+ (float16 or bfloat16). Returns whether it did;
+        the packed buffers stay the checkpoint's storage either way."""
+        if self.nm != (2, 4) or not self.values.is_cuda or self.values.dtype not in (torch.float16, torch.bfloat16):
+            return False
+        if torch.cuda.get_device_capability(self.values.device) < (8, 0):
+            return False
+        from torch.sparse import to_sparse_semi_structured
+
+        self.__dict__["semi_structured"] = to_sparse_semi_structured(self.weight_dense())
+        return True
 
     def weight_counts(self) -> tuple[int, int]:
         w = self.weight_dense()
