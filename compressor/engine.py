@@ -86,7 +86,7 @@ def compress_model(model: PreTrainedModel, adapter: Adapter, passes: list[Pass],
         for p, per_layer in zip(passes, targets, strict=True):
             start = time.perf_counter()
             if isinstance(p, LayerPass):
-                hidden, done = p.apply_layer(model, adapter, i, layer, hidden, kwargs, device)
+                hidden, done = p.apply_layer(model, adapter, i, layer, hidden, kwargs, device, per_layer[i])
                 for name, record in done.items():
                     records[name].append(record)
             else:

@@ -35,3 +35,24 @@ def test_lrec_needs_a_quantized_linear_and_a_sane_rank(llama_dir, corpus):
     with pytest.raises(CompressorError, match="rank 100 is larger"):
         compressor.compress(recipe_dict(llama_dir, corpus, [{"rtn": {"bits": 4}}, {"lrec": {"rank": 100}}]),
                             progress=False)
+
+
+def test_refinement_lowers_the_layer_output_error_and_round_trips(llama_dir, corpus, tmp_path):
+    out = tmp_path / "ckpt"
+    passes = [{"gptq": {"bits": 2, "group_size": 32}}, {"lrec": {"rank": 8}}, {"lrec_refine": {"steps": 40}}]
+    model = compressor.compress(recipe_dict(llama_dir, corpus, passes, out), progress=False)
+    record = model.compression_config["modules"]["model.layers.1.mlp.up_proj"]
+    assert [r["pass"] for r in record] == ["gptq", "lrec", "lrec_refine"]
+    assert record[2]["relative_error_last"] < 0.9 * record[2]["relative_error_first"]
+    q = model.model.layers[1].mlp.up_proj
+    assert q.lora_a.dtype == torch.float16 and "forward" not in q.__dict__
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(compressor.load(out)(input_ids=ids).logits, model(input_ids=ids).logits,
+                                   rtol=0, atol=0)
+
+
+def test_refinement_without_lrec_is_refused(llama_dir, corpus):
+    passes = [{"gptq": {"bits": 2, "group_size": 32}}, {"lrec_refine": {"steps": 5}}]
+    with pytest.raises(CompressorError, match="put lrec_refine right after lrec"):
+        compressor.compress(recipe_dict(llama_dir, corpus, passes), progress=False)

@@ -3,11 +3,12 @@
 from compressor.passes.base import ParamError, Pass
 from compressor.passes.lowrank import LowRank
 from compressor.passes.lrec import LREC
+from compressor.passes.lrec_refine import LRECRefine
 from compressor.passes.prune import Magnitude, SparseGPT, Wanda
 from compressor.passes.quantize import GPTQ, RTN
 from compressor.passes.slice import Slice
 
 PASSES: dict[str, type[Pass]] = {
-    cls.name: cls for cls in (Magnitude, Wanda, SparseGPT, RTN, GPTQ, LREC, LowRank, Slice)}
+    cls.name: cls for cls in (Magnitude, Wanda, SparseGPT, RTN, GPTQ, LREC, LRECRefine, LowRank, Slice)}
 
 __all__ = ["PASSES", "Pass", "ParamError"]

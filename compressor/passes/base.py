@@ -72,9 +72,9 @@ class LayerPass(Pass):
     linear at a time. The engine calls `apply_layer` for every layer in order, then `finish` once."""
 
     def apply_layer(self, model, adapter, index: int, layer: nn.Module, hidden: list, kwargs: dict,
-                    device) -> tuple[list, dict[str, dict]]:
-        """Transform layer `index`; return its cached calibration inputs (changed if the pass changed what
-        the layer receives) and a record per module changed or added."""
+                    device, names: list[str]) -> tuple[list, dict[str, dict]]:
+        """Transform layer `index` (`names`: the linears the plan chose in it); return its cached calibration
+        inputs (changed if the pass changed what the layer receives) and a record per module changed or added."""
         raise NotImplementedError
 
     def finish(self, model, adapter) -> dict[str, dict]:

@@ -87,7 +87,7 @@ class Slice(LayerPass):
                     "change the model beyond the deleted dimensions. Use lowrank or quantization for this model.")
 
     def apply_layer(self, model: PreTrainedModel, adapter: Adapter, index: int, layer: nn.Module,
-                    hidden: list[torch.Tensor], kwargs: dict, device: torch.device,
+                    hidden: list[torch.Tensor], kwargs: dict, device: torch.device, names: list[str],
                     ) -> tuple[list[torch.Tensor], dict[str, dict]]:
         """Slice decoder layer `index`; return its (possibly rotated) cached inputs and the records."""
         prefix = f"{adapter.layers}.{index}"
