@@ -41,14 +41,15 @@ def test_sliced_checkpoint_reloads_with_its_new_shapes(arch, corpus, tmp_path):
     model = compressor.compress(recipe_dict(folder, corpus, [{"slice": {"fraction": 0.25}}], out), progress=False)
     layer = model.model.layers[1]
     assert layer.self_attn.q_proj.weight.shape == (64, 48) and layer.mlp.down_proj.weight.shape == (48, 128)
-    assert layer.input_rotation.weight.shape == (48, 48)
+    assert layer.attn_shortcut.weight.shape == layer.mlp_shortcut.weight.shape == (48, 48)
     tied = arch == "llama"  # tiny llama ties its embeddings: they stay full width and tied
     assert model.model.embed_tokens.weight.shape == ((260, 64) if tied else (260, 48))
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
     assert isinstance(getattr(model.model.norm, "input_rotation", None), InputRotation) == tied
     parameters = model.compression_config["parameters"]
+    # a tiny model: the two 48 x 48 shortcuts per layer eat much of the saving
     assert parameters["compressed"]["parameters_without_embeddings"] < \
-        0.9 * parameters["dense"]["parameters_without_embeddings"]
+        0.95 * parameters["dense"]["parameters_without_embeddings"]
     torch.testing.assert_close(logits(compressor.load(out)), logits(model), rtol=0, atol=0)
 
     result = CliRunner().invoke(main, ["info", str(out)])
@@ -91,7 +92,7 @@ def test_a_residual_stream_in_a_subspace_is_sliced_exactly(llama_dir, corpus, tm
     with torch.no_grad():
         torch.testing.assert_close(sliced(input_ids=ids).logits, dense, atol=1e-4, rtol=1e-4)
 
-    def random_axes(self, mlp_norm, *args):
+    def random_axes(self, *args, **kwargs):
         return torch.linalg.qr(torch.randn(64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))[0]
 
     with pytest.MonkeyPatch.context() as mp:

@@ -4,12 +4,14 @@ For each family: the decoder layers, embeddings, final norm and head; inside a l
 read the residual stream (after which norm) and which write it (after which output norm, if any).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
 from transformers import PreTrainedModel
 
 from compressor.errors import CompressorError
+from compressor.models.sliced_forward import llama_sliced_forward
 
 
 @dataclass(frozen=True)
@@ -28,12 +30,14 @@ class Adapter:
     # (None: plain pre-norm block).
     attn_output: tuple[str, str | None] = ("self_attn.o_proj", None)
     mlp_output: tuple[str, str | None] = ("mlp.down_proj", None)
+    # The decoder layer's forward with shortcut matrices on the residual connections (None: cannot be sliced).
+    sliced_forward: Callable | None = None
 
     def decoder_layers(self, model: PreTrainedModel) -> nn.ModuleList:
         return model.get_submodule(self.layers)
 
 
-LLAMA = Adapter(name="llama", model_types=("llama", "mistral", "qwen2"))
+LLAMA = Adapter(name="llama", model_types=("llama", "mistral", "qwen2"), sliced_forward=llama_sliced_forward)
 
 # Gemma3 uses "sandwich" norms: a norm on each block's output before the residual add.
 GEMMA3 = Adapter(
@@ -58,3 +62,7 @@ def adapter_for(model: PreTrainedModel) -> Adapter:
             return adapter
     raise CompressorError(f"architecture {model_type!r} ({type(model).__name__}) is not supported; "
                           f"supported model types: {', '.join(supported_model_types())}")
+
+
+def adapter_named(name: str) -> Adapter:
+    return next(a for a in ADAPTERS if a.name == name)

@@ -3,10 +3,13 @@
 - `RMSNormOverWidth`: a weightless RMS norm whose mean square is taken over the original width,
   x / sqrt(sum(x^2) / full_width + eps), so it agrees with the dense model's norm when the deleted
   dimensions carry nothing.
-- `InputRotation`: x -> x R on the input of the module that holds it (a forward pre-hook of its
-  parent), e.g. the change of basis of the residual stream at the entry of a decoder layer.
+- `Rotation`: x -> x R, a change of basis of the residual stream (a decoder layer's shortcuts);
+  `InputRotation` applies one to the input of the module that holds it (a forward pre-hook).
+- `sliced_layer`: give a decoder layer the forward that uses its shortcuts.
 - `resize`: rebuild a linear or embedding whose weights changed shape.
 """
+
+import types
 
 import torch
 from torch import nn
@@ -32,8 +35,8 @@ class RMSNormOverWidth(nn.Module):
         return f"full_width={self.full_width}, eps={self.eps}"
 
 
-class InputRotation(nn.Module):
-    """Holds R [in, out]; `attach(parent)` makes the parent's forward see x R instead of x."""
+class Rotation(nn.Module):
+    """x -> x R, R [in, out]: a change of basis of the residual stream (with deletion when out < in)."""
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -41,6 +44,17 @@ class InputRotation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.weight.to(x.dtype)
+
+    def runtime_config(self) -> dict:
+        return {"class": type(self).__name__, "shape": list(self.weight.shape)}
+
+    @classmethod
+    def from_runtime_config(cls, config: dict, old: nn.Module | None, dtype: torch.dtype) -> "Rotation":
+        return cls(*config["shape"], dtype=dtype)
+
+
+class InputRotation(Rotation):
+    """A Rotation that `attach(parent)` applies to the parent's input (a forward pre-hook)."""
 
     def attach(self, parent: nn.Module) -> None:
         def rotate_first_input(module, args, kwargs):
@@ -51,12 +65,13 @@ class InputRotation(nn.Module):
 
         parent.register_forward_pre_hook(rotate_first_input, with_kwargs=True)
 
-    def runtime_config(self) -> dict:
-        return {"class": "InputRotation", "shape": list(self.weight.shape)}
 
-    @classmethod
-    def from_runtime_config(cls, config: dict, old: nn.Module | None, dtype: torch.dtype) -> "InputRotation":
-        return cls(*config["shape"], dtype=dtype)
+def sliced_layer(config: dict, old: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Give a decoder layer its architecture's sliced forward; its shortcut Rotations have their own records."""
+    from compressor.models.adapters import adapter_named
+
+    old.forward = types.MethodType(adapter_named(config["adapter"]).sliced_forward, old)
+    return old
 
 
 def resize_config(module: nn.Module) -> dict:

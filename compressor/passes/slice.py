@@ -1,28 +1,30 @@
 """SliceGPT-style slicing (Ashkboos et al., 2024): rotate the residual stream into its principal
 axes and delete the dimensions that carry the least variance.
 
-Per decoder layer i, on the calibration inputs:
+The residual stream has a basis at every point where a block reads it. Layer by layer, on the
+calibration inputs (the outputs of the layers already sliced), with P [D, k] the basis in which
+the layer's input arrives:
 1. Fold the scales of the layer's RMS norms into the linears that read them; the norms become
    weightless RMS norms over the original width D (`RMSNormOverWidth`). Nothing changes yet.
-2. Q_i [D, D]: eigenvectors of C, by decreasing eigenvalue, where C sums X^T X / tr(X^T X) over three
-   points of the residual stream (the layer's input, its MLP's input and its output, in the original
-   basis). Keep Qk = Q_i[:, :k], k = D minus fraction * D rounded to a multiple of 8.
-3. Readers of the residual stream (q, k, v, gate, up): W <- W Qk [out, k]. Writers (o, down):
-   W <- Qk^T W [k, in], bias <- Qk^T bias. The layer's input arrives in the previous layer's basis
-   (P = Q_{i-1}[:, :k], or the embeddings' basis), so the layer gets an `InputRotation` P^T Qk
-   [k_prev, k] applied to its input, which changes the basis of the residual stream once per layer
-   (SliceGPT uses two bases per layer, one per block; one basis per layer needs no change to the
-   architecture's own forward code).
-4. Embeddings: when sliced, E <- E Q_0k and layer 0 needs no input rotation; when kept at full
-   width (the default when they are tied to the head, where slicing would mean untying and storing
-   a second vocabulary matrix), layer 0's input rotation is Q_0k [D, k]. The head: when sliced, the
-   final norm's scale is folded into it and it becomes W_head Q_last,k; when kept, the final norm
-   gets the input rotation Q_last,k^T [k, D] back to the original basis.
+2. Attention readers (q, k, v) read the input in its basis: W <- W P.
+3. Q_mid [D, k]: the leading eigenvectors of sum a^T a, a the residual stream entering the MLP
+   (in the original basis). The attention writer (o) writes in it: W <- Q_mid^T W; the residual
+   connection gets the shortcut P^T Q_mid; the MLP readers (gate, up) read in it: W <- W Q_mid.
+4. Q_out [D, k]: the same for the layer's output, computed with steps 2-3 in place; the MLP writer
+   (down) writes in it, the MLP's residual connection gets Q_mid^T Q_out, and it is the next
+   layer's P. k = D minus fraction * D rounded to a multiple of 8.
+The shortcuts need the adapter's `sliced_forward` (the architecture's layer forward with the two
+shortcut matrices). Embeddings: when sliced, E <- E Q_emb (the leading eigenvectors of the layer-0
+inputs) and P = Q_emb; when kept at full width (the default when they are tied to the head, where
+slicing would mean untying and storing a second vocabulary matrix), P = I. The head: when sliced,
+the final norm's scale is folded into it and it becomes W_head P_last; when kept, the final norm
+gets the input rotation P_last^T [k, D] back to the original basis.
 Only pre-norm blocks whose outputs are added straight to the residual stream can be sliced: a norm
 on a block's output (Gemma3's sandwich norms) acts on the unrotated output, which no rotation of
 the linears can reproduce, so such architectures are refused.
 """
 
+import types
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -32,7 +34,7 @@ from transformers import PreTrainedModel
 
 from compressor.errors import CompressorError
 from compressor.models import Adapter
-from compressor.nn import InputRotation, RMSNormOverWidth
+from compressor.nn import InputRotation, RMSNormOverWidth, Rotation
 from compressor.nn.sliced import resize_config
 from compressor.passes.base import LayerPass, ParamError
 
@@ -85,49 +87,72 @@ class Slice(LayerPass):
                     f"slice: {adapter.name} models normalise each {block} output ({norm} after {writer}) before "
                     "adding it to the residual stream; that norm acts on the unrotated output, so slicing would "
                     "change the model beyond the deleted dimensions. Use lowrank or quantization for this model.")
+        if adapter.sliced_forward is None:
+            raise CompressorError(f"slice: the {adapter.name} adapter has no sliced layer forward; "
+                                  "slicing supports: llama, mistral, qwen2")
 
     def apply_layer(self, model: PreTrainedModel, adapter: Adapter, index: int, layer: nn.Module,
                     hidden: list[torch.Tensor], kwargs: dict, device: torch.device, names: list[str],
                     ) -> tuple[list[torch.Tensor], dict[str, dict]]:
         """Slice decoder layer `index`; return its (possibly rotated) cached inputs and the records."""
         prefix = f"{adapter.layers}.{index}"
-        records = {}
         (attn_norm, attn_readers), (mlp_norm, mlp_readers) = adapter.attn_inputs, adapter.mlp_inputs
+        attn_writer, mlp_writer = adapter.attn_output[0], adapter.mlp_output[0]
+        records = {}
         for norm_name, reader_names in [(attn_norm, attn_readers), (mlp_norm, mlp_readers)]:
             norm = fold_norm(layer.get_submodule(norm_name), [layer.get_submodule(n) for n in reader_names])
             layer.set_submodule(norm_name, norm)
             records[f"{prefix}.{norm_name}"] = {"pass": self.name, "runtime": norm.runtime_config()}
+        full_width = layer.get_submodule(mlp_norm).full_width
+        width = sliced_width(full_width, self.fraction)
         if index == 0:
-            self._start(model, adapter)
-        Q = self.principal_axes(layer.get_submodule(mlp_norm), layer, hidden, kwargs, device)
-        width = sliced_width(Q.shape[0], self.fraction)
-        Qk = Q[:, :width]  # [D, k]
-        for name in (*attn_readers, *mlp_readers):
-            linear = layer.get_submodule(name)
-            linear.weight = nn.Parameter((linear.weight.double() @ Qk).to(linear.weight.dtype))
-            linear.in_features = width
-        for name in (adapter.attn_output[0], adapter.mlp_output[0]):
-            linear = layer.get_submodule(name)
-            linear.weight = nn.Parameter((Qk.T @ linear.weight.double()).to(linear.weight.dtype))
-            if linear.bias is not None:
-                linear.bias = nn.Parameter((linear.bias.double() @ Qk).to(linear.bias.dtype))
-            linear.out_features = width
-        for name in (*attn_readers, *mlp_readers, adapter.attn_output[0], adapter.mlp_output[0]):
-            records[f"{prefix}.{name}"] = {"pass": self.name, "width": width,
-                                           "runtime": resize_config(layer.get_submodule(name))}
-        if self._frame is None and self._slice_embeddings:  # layer 0: rotate the embeddings instead
-            embeddings = model.get_submodule(adapter.embeddings)
-            embeddings.weight = nn.Parameter((embeddings.weight.double() @ Qk.cpu()).to(embeddings.weight.dtype))
-            embeddings.embedding_dim = width
-            records[adapter.embeddings] = {"pass": self.name, "width": width, "runtime": resize_config(embeddings)}
-            hidden = [(h.double() @ Qk.cpu()).to(h.dtype) for h in hidden]
-        else:
-            rotation = Qk if self._frame is None else self._frame.T @ Qk  # [k_prev, k]
-            records[f"{prefix}.input_rotation"] = {"pass": self.name,
-                                                   **self._attach_rotation(layer, rotation)}
-        records[prefix] = {"pass": self.name, "width": width, "full_width": Q.shape[0]}
-        self._frame = Qk
+            hidden = self._start(model, adapter, hidden, width, device, records)
+        P = self._frame  # [D, k_in], or None: the input arrives in the original basis
+        eye = torch.eye(full_width, dtype=torch.float64, device=device)
+        # Run as the dense layer (identity shortcuts, writers in the original basis) to find Q_mid.
+        dtype = layer.get_submodule(attn_writer).weight.dtype
+        layer.attn_shortcut, layer.mlp_shortcut = (Rotation(full_width, full_width, dtype) for _ in range(2))
+        layer.forward = types.MethodType(adapter.sliced_forward, layer)
+        self._set(layer.attn_shortcut, eye if P is None else P.T)  # back to the original basis: exact
+        self._set(layer.mlp_shortcut, eye)
+        for name in attn_readers:
+            self._rotate_reader(layer.get_submodule(name), P)
+        Q_mid = self.principal_axes(layer, hidden, kwargs, device, at=layer.get_submodule(mlp_norm))[:, :width]
+        self._set(layer.attn_shortcut, Q_mid if P is None else P.T @ Q_mid)
+        self._rotate_writer(layer.get_submodule(attn_writer), Q_mid)
+        for name in mlp_readers:
+            self._rotate_reader(layer.get_submodule(name), Q_mid)
+        self._set(layer.mlp_shortcut, Q_mid.T)  # the output back in the original basis, to find Q_out
+        Q_out = self.principal_axes(layer, hidden, kwargs, device, at=None)[:, :width]
+        self._set(layer.mlp_shortcut, Q_mid.T @ Q_out)
+        self._rotate_writer(layer.get_submodule(mlp_writer), Q_out)
+        for name in (*attn_readers, *mlp_readers, attn_writer, mlp_writer):
+            records[f"{prefix}.{name}"] = {"pass": self.name, "runtime": resize_config(layer.get_submodule(name))}
+        for name in ("attn_shortcut", "mlp_shortcut"):
+            records[f"{prefix}.{name}"] = {"pass": self.name, "runtime": layer.get_submodule(name).runtime_config()}
+        records[prefix] = {"pass": self.name, "width": width, "full_width": full_width,
+                           "runtime": {"class": "SlicedLayer", "adapter": adapter.name}}
+        self._frame = Q_out
         return hidden, records
+
+    @staticmethod
+    def _set(rotation: Rotation, matrix: torch.Tensor) -> None:
+        rotation.weight = nn.Parameter(matrix.to(rotation.weight.dtype).contiguous(), requires_grad=False)
+
+    @staticmethod
+    def _rotate_reader(linear: nn.Linear, Q: torch.Tensor | None) -> None:
+        """The linear reads the residual stream in basis Q [D, k]: W [out, D] -> W Q [out, k]."""
+        if Q is not None:
+            linear.weight = nn.Parameter((linear.weight.double() @ Q).to(linear.weight.dtype), requires_grad=False)
+            linear.in_features = Q.shape[1]
+
+    @staticmethod
+    def _rotate_writer(linear: nn.Linear, Q: torch.Tensor) -> None:
+        """The linear writes the residual stream in basis Q [D, k]: W [D, in] -> Q^T W [k, in]."""
+        linear.weight = nn.Parameter((Q.T @ linear.weight.double()).to(linear.weight.dtype), requires_grad=False)
+        if linear.bias is not None:
+            linear.bias = nn.Parameter((linear.bias.double() @ Q).to(linear.bias.dtype), requires_grad=False)
+        linear.out_features = Q.shape[1]
 
     def finish(self, model: PreTrainedModel, adapter: Adapter) -> dict[str, dict]:
         """After the last layer: bring the head to the last layer's basis."""
@@ -146,16 +171,28 @@ class Slice(LayerPass):
                 adapter.head: {"pass": self.name, "width": head.in_features, "untied": self._untied,
                                "runtime": resize_config(head)}}
 
-    def _start(self, model: PreTrainedModel, adapter: Adapter) -> None:
-        """Before layer 0: decide about the embeddings; untie the head when both are sliced."""
+    def _start(self, model: PreTrainedModel, adapter: Adapter, hidden: list[torch.Tensor], width: int,
+               device: torch.device, records: dict) -> list[torch.Tensor]:
+        """Before layer 0: keep the embeddings, or rotate and slice them (untying a tied head) and the
+        cached layer-0 inputs with them."""
         self._frame = None
-        tied = model.get_submodule(adapter.head).weight is model.get_submodule(adapter.embeddings).weight
+        embeddings, head = model.get_submodule(adapter.embeddings), model.get_submodule(adapter.head)
+        tied = head.weight is embeddings.weight
         self._slice_embeddings = not tied if self.slice_embeddings is None else self.slice_embeddings
         self._untied = tied and self._slice_embeddings
+        if not self._slice_embeddings:
+            return hidden
         if self._untied:
-            head = model.get_submodule(adapter.head)
-            head.weight = nn.Parameter(head.weight.detach().clone())
+            head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
             model.config.tie_word_embeddings = False
+        Q = self.principal_axes(None, hidden, {}, device, at=None)[:, :width]
+        self._frame = Q
+        Q = Q.to(embeddings.weight.device)
+        embeddings.weight = nn.Parameter((embeddings.weight.double() @ Q).to(embeddings.weight.dtype),
+                                         requires_grad=False)
+        embeddings.embedding_dim = width
+        records[adapter.embeddings] = {"pass": self.name, "width": width, "runtime": resize_config(embeddings)}
+        return [(h.double() @ Q.cpu()).to(h.dtype) for h in hidden]
 
     @staticmethod
     def _attach_rotation(module: nn.Module, rotation: torch.Tensor) -> dict:
@@ -166,33 +203,31 @@ class Slice(LayerPass):
         return {"width": rotation.shape[1], "runtime": module.input_rotation.runtime_config()}
 
     @torch.no_grad()
-    def principal_axes(self, mlp_norm: nn.Module, layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict,
-                       device: torch.device) -> torch.Tensor:
-        """Q [D, D] (float64), by decreasing eigenvalue: eigenvectors of C = sum over the layer's three points
-        of the residual stream (its input, its MLP's input, its output) of X^T X / tr(X^T X), in the original
-        basis. Each point is normalised by its own energy: the stream grows by orders of magnitude inside the
-        first layers, and an unweighted sum would fit the basis to the largest point alone."""
-        width = mlp_norm.full_width
-        C = {point: torch.zeros(width, width, dtype=torch.float64, device=device)
-             for point in ("input", "mlp input", "output")}
+    def principal_axes(self, layer: nn.Module | None, hidden: list[torch.Tensor], kwargs: dict,
+                       device: torch.device, at: nn.Module | None) -> torch.Tensor:
+        """Eigenvectors [D, D] (float64) of sum x^T x by decreasing eigenvalue, x the residual stream entering
+        module `at` (a pre-hook) or, with at=None, the layer's output (or its input when layer is None)."""
+        C = None
 
-        def accumulate(point: str, x: torch.Tensor) -> None:
-            x = x.reshape(-1, width).double()
+        def accumulate(x: torch.Tensor) -> None:
+            nonlocal C
+            x = x.reshape(-1, x.shape[-1]).double()
             if not torch.isfinite(x).all():
-                raise CompressorError(f"slice: non-finite calibration activations in {type(layer).__name__}")
-            C[point].add_(x.T @ x)
+                raise CompressorError("slice: non-finite calibration activations in the residual stream")
+            C = x.T @ x if C is None else C + x.T @ x
 
-        handle = mlp_norm.register_forward_pre_hook(lambda module, args: accumulate("mlp input", args[0]))
+        handle = at.register_forward_pre_hook(lambda module, args: accumulate(args[0])) if at is not None else None
         try:
             for h in hidden:
-                x = h.to(device)
-                x = x if self._frame is None else (x.double() @ self._frame.T).to(h.dtype)  # [1, L, D]
-                accumulate("input", x)
-                out = layer(x, **kwargs)
-                accumulate("output", out[0] if isinstance(out, tuple) else out)
+                if layer is None:
+                    accumulate(h.to(device))
+                    continue
+                out = layer(h.to(device), **kwargs)
+                if at is None:
+                    accumulate(out[0] if isinstance(out, tuple) else out)
         finally:
-            handle.remove()
-        total = sum(c / c.trace() for c in C.values())
-        total.diagonal().add_(self.damp * total.diagonal().mean())
-        _, Q = torch.linalg.eigh(total)
+            if handle is not None:
+                handle.remove()
+        C.diagonal().add_(self.damp * C.diagonal().mean())
+        _, Q = torch.linalg.eigh(C)
         return Q.flip(-1)
