@@ -86,8 +86,6 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> PreTrainedMode
             parent = model.get_submodule(parent_name)
             module = RUNTIME_MODULES[runtime["class"]](runtime, getattr(parent, child, None), dtype)
             setattr(parent, child, module)
-            if hasattr(module, "attach"):
-                module.attach(parent)
     state = {}
     for shard in sorted(Path(path).glob("*.safetensors")):
         state.update(load_file(shard))

@@ -2,12 +2,12 @@
 
 from compressor.nn.low_rank_linear import LowRankLinear
 from compressor.nn.quant_linear import QuantLinear
-from compressor.nn.sliced import InputRotation, RMSNormOverWidth, Rotation, resize, sliced_layer
+from compressor.nn.sliced import RMSNormOverWidth, Rotation, resize, sliced_layer
 from compressor.nn.sparse_linear import SparseLinear
 
 RUNTIME_MODULES = {cls.__name__: cls.from_runtime_config
-                   for cls in (QuantLinear, SparseLinear, LowRankLinear, RMSNormOverWidth, Rotation, InputRotation)}
+                   for cls in (QuantLinear, SparseLinear, LowRankLinear, RMSNormOverWidth, Rotation)}
 RUNTIME_MODULES |= {"Resized": resize, "SlicedLayer": sliced_layer}
 
-__all__ = ["RUNTIME_MODULES", "InputRotation", "LowRankLinear", "QuantLinear", "RMSNormOverWidth", "Rotation",
+__all__ = ["RUNTIME_MODULES", "LowRankLinear", "QuantLinear", "RMSNormOverWidth", "Rotation",
            "SparseLinear"]

@@ -3,8 +3,7 @@
 - `RMSNormOverWidth`: a weightless RMS norm whose mean square is taken over the original width,
   x / sqrt(sum(x^2) / full_width + eps), so it agrees with the dense model's norm when the deleted
   dimensions carry nothing.
-- `Rotation`: x -> x R, a change of basis of the residual stream (a decoder layer's shortcuts);
-  `InputRotation` applies one to the input of the module that holds it (a forward pre-hook).
+- `Rotation`: x -> x R, a change of basis of the residual stream (a decoder layer's shortcuts).
 - `sliced_layer`: give a decoder layer the forward that uses its shortcuts.
 - `resize`: rebuild a linear or embedding whose weights changed shape.
 """
@@ -51,19 +50,6 @@ class Rotation(nn.Module):
     @classmethod
     def from_runtime_config(cls, config: dict, old: nn.Module | None, dtype: torch.dtype) -> "Rotation":
         return cls(*config["shape"], dtype=dtype)
-
-
-class InputRotation(Rotation):
-    """A Rotation that `attach(parent)` applies to the parent's input (a forward pre-hook)."""
-
-    def attach(self, parent: nn.Module) -> None:
-        def rotate_first_input(module, args, kwargs):
-            if args:
-                return (module.input_rotation(args[0]), *args[1:]), kwargs
-            key = next(iter(kwargs))  # called with keywords only: the first one is the input
-            return args, {**kwargs, key: module.input_rotation(kwargs[key])}
-
-        parent.register_forward_pre_hook(rotate_first_input, with_kwargs=True)
 
 
 def sliced_layer(config: dict, old: nn.Module, dtype: torch.dtype) -> nn.Module:

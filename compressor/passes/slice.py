@@ -17,8 +17,8 @@ The shortcuts need the adapter's `sliced_forward` (the architecture's layer forw
 shortcut matrices). Embeddings: when sliced, E <- E Q_emb (the leading eigenvectors of the layer-0
 inputs) and P = Q_emb; when kept at full width (the default when they are tied to the head, where
 slicing would mean untying and storing a second vocabulary matrix), P = I. The head: when sliced,
-the final norm's scale is folded into it and it becomes W_head P_last; when kept, the final norm
-gets the input rotation P_last^T [k, D] back to the original basis.
+the final norm's scale is folded into it and it becomes W_head P_last; when kept, the last layer
+writes the full-width stream (Q_out = I, as SliceGPT leaves the head connection unsliced).
 Only pre-norm blocks whose outputs are added straight to the residual stream can be sliced: a norm
 on a block's output (Gemma3's sandwich norms) acts on the unrotated output, which no rotation of
 the linears can reproduce, so such architectures are refused.
@@ -34,7 +34,7 @@ from transformers import PreTrainedModel
 
 from compressor.errors import CompressorError
 from compressor.models import Adapter
-from compressor.nn import InputRotation, RMSNormOverWidth, Rotation
+from compressor.nn import RMSNormOverWidth, Rotation
 from compressor.nn.sliced import resize_config
 from compressor.passes.base import LayerPass, ParamError
 
@@ -123,7 +123,10 @@ class Slice(LayerPass):
         for name in mlp_readers:
             self._rotate_reader(layer.get_submodule(name), Q_mid)
         self._set(layer.mlp_shortcut, Q_mid.T)  # the output back in the original basis, to find Q_out
-        Q_out = self.principal_axes(layer, hidden, kwargs, device, at=None)[:, :width]
+        if index == len(adapter.decoder_layers(model)) - 1 and not self._slice_embeddings:
+            Q_out = eye  # a full-width head reads the last layer's output in the original basis
+        else:
+            Q_out = self.principal_axes(layer, hidden, kwargs, device, at=None)[:, :width]
         self._set(layer.mlp_shortcut, Q_mid.T @ Q_out)
         self._rotate_writer(layer.get_submodule(mlp_writer), Q_out)
         for name in (*attn_readers, *mlp_readers, attn_writer, mlp_writer):
@@ -156,11 +159,9 @@ class Slice(LayerPass):
 
     def finish(self, model: PreTrainedModel, adapter: Adapter) -> dict[str, dict]:
         """After the last layer: bring the head to the last layer's basis."""
-        norm = model.get_submodule(adapter.final_norm)
-        if not self._slice_embeddings:  # full-width head: rotate back before the final norm
-            return {f"{adapter.final_norm}.input_rotation": {"pass": self.name,
-                                                             **self._attach_rotation(norm, self._frame.T)}}
-        head = model.get_submodule(adapter.head)
+        if not self._slice_embeddings:  # the last layer already writes the full width
+            return {}
+        norm, head = model.get_submodule(adapter.final_norm), model.get_submodule(adapter.head)
         model.set_submodule(adapter.final_norm, fold_norm(norm, [head]))
         with torch.no_grad():
             frame = self._frame.to(head.weight.device)
@@ -193,14 +194,6 @@ class Slice(LayerPass):
         embeddings.embedding_dim = width
         records[adapter.embeddings] = {"pass": self.name, "width": width, "runtime": resize_config(embeddings)}
         return [(h.double() @ Q.cpu()).to(h.dtype) for h in hidden]
-
-    @staticmethod
-    def _attach_rotation(module: nn.Module, rotation: torch.Tensor) -> dict:
-        weight = next(module.parameters())
-        module.input_rotation = InputRotation(*rotation.shape, dtype=weight.dtype).to(weight.device)
-        module.input_rotation.weight.data.copy_(rotation)
-        module.input_rotation.attach(module)
-        return {"width": rotation.shape[1], "runtime": module.input_rotation.runtime_config()}
 
     @torch.no_grad()
     def principal_axes(self, layer: nn.Module | None, hidden: list[torch.Tensor], kwargs: dict,
