@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["bundled:smollm2-135m", "bundled:gemma-3-270m"]
 # Calibration as in shared/anchors.md's peer runs: 64 windows of 2048 tokens, seed 0.
 CALIBRATION = {"dataset": "bundled:wikileads", "samples": 64, "seqlen": 2048, "seed": 0}
+GROUP = "group size of the model"
+GROUP_SIZE = {"bundled:smollm2-135m": 64, "bundled:gemma-3-270m": 128}  # 576 = 9 x 64, 640 = 5 x 128
 SUITES = {
     "foundation": {
         "dense": None,
@@ -42,6 +44,16 @@ SUITES = {
         "GPTQ W3 g64": [{"gptq": {"bits": 3, "group_size": 64}}],
         "GPTQ W2 g64": [{"gptq": {"bits": 2, "group_size": 64}}],
         "GPTQ W2 g64 + LREC r32": [{"gptq": {"bits": 2, "group_size": 64}}, {"lrec": {"rank": 32}}],
+    },
+    # Issue 3's grid; GROUP stands for the model's group size (GROUP_SIZE below).
+    "quantization-grid": {"dense": None} | {
+        f"{method.upper()} W{bits}": [{method: {"bits": bits, "group_size": GROUP}}]
+        for method in ("rtn", "gptq") for bits in (4, 3, 2)
+    } | {
+        f"GPTQ W{bits} + LREC r{rank}{' refined' if refine else ''}": [
+            {"gptq": {"bits": bits, "group_size": GROUP}}, {"lrec": {"rank": rank}}]
+        + ([{"lrec_refine": {"steps": 100}}] if refine else [])
+        for bits in (2, 3) for rank in (8, 16, 32, 64) for refine in (False, True)
     },
     "pruning": {"dense": None} | {
         f"{method} {label}": [{method: setting}]
@@ -80,6 +92,8 @@ def run_job(model: str, method: str, passes: list | None, windows: int | None, w
     row = {"model": model, "method": method}
     target = model
     if passes is not None:
+        passes = [{p: {k: GROUP_SIZE[model] if v == GROUP else v for k, v in params.items()}}
+                  for step in passes for p, params in step.items()]
         name = f"{model.removeprefix('bundled:')}-{method.replace(' ', '-').replace('%', 'pct').replace(':', 'of')}"
         recipe = {"model": model, "passes": passes, "output": str(work / name), "calibration": CALIBRATION}
         recipe_path = work / f"{name}.yaml"

@@ -1,0 +1,56 @@
+"""Perplexity against effective bits per weight of the linears, one curve per method family.
+
+    python eval/plot.py quantization-grid      # reads eval/results/quantization-grid.json, writes .png
+
+Needs matplotlib (`pip install -e .[eval]`). Rows without bits per weight (dense, pruning) are left out;
+the dense perplexity is drawn as a horizontal line per model.
+"""
+
+import argparse
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def family(method: str) -> str:
+    """'GPTQ W2 + LREC r16 refined' -> 'GPTQ + LREC refined': the method without bits, group and rank."""
+    return re.sub(r"\s+", " ", re.sub(r"\bW\d+\b|\bg\d+\b|\br\d+\b", "", method)).strip()
+
+
+def main() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("suite")
+    args = parser.parse_args()
+    stem = ROOT / "eval" / "results" / args.suite
+    rows = json.loads(stem.with_suffix(".json").read_text())["rows"]
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        curves = defaultdict(list)
+        for r in rows:
+            if r["model"] == model and r.get("linear_bits_per_weight"):
+                curves[family(r["method"])].append((r["linear_bits_per_weight"], r["ppl"]))
+            elif r["model"] == model and r["method"] == "dense":
+                ax.axhline(r["ppl"], color="gray", linestyle="--", label=f"dense {r['ppl']:.2f}")
+        for name, points in sorted(curves.items()):
+            ax.plot(*zip(*sorted(points), strict=True), marker="o", label=name)
+        windows = {f"{r['windows']} of {r['windows_in_split']}" for r in rows if r["model"] == model}
+        ax.set(title=f"{model}\nwikileads-ppl-v1, L=2048, windows {', '.join(sorted(windows))}",
+               xlabel="bits per weight of the quantized linears\n(codes, scales, zeros and factors)",
+               ylabel="perplexity", yscale="log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=120)
+    print(stem.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
