@@ -6,7 +6,8 @@
    Layers are swapped for recorders during this, so only embeddings and masks are computed.
 2. For each layer: move it to the compute device; for each pass, collect the statistics it needs
    with forward hooks while the layer runs on the cached inputs, then let the pass compress the
-   targeted linears; run the compressed layer to get the next layer's inputs; move it back.
+   targeted linears (a LayerPass, such as slicing, transforms the whole layer itself); run the
+   compressed layer to get the next layer's inputs; move it back. LayerPasses then `finish`.
 
 So only one layer is on the compute device at a time, and layer i+1 is calibrated on the outputs
 of the already compressed layer i.
