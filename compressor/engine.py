@@ -46,14 +46,19 @@ def plan(model: PreTrainedModel, adapter: Adapter, passes: list[Pass]) -> list[l
             prefix = f"{adapter.layers}.{i}."
             chosen = [(prefix + n, m) for n, m in layer.named_modules() if p.selects(prefix + n, m)]
             everything += chosen
+            names = []
             for name, linear in chosen:
                 kind, by = state.get(name, ("dense", "the model"))
+                if kind == "lowrank" and "dense" in p.accepts and not isinstance(p, LayerPass):
+                    names += [f"{name}.down", f"{name}.up"]  # the factors are two dense linears
+                    continue
                 if kind not in p.accepts:
                     raise CompressorError(f"pass {p.name} cannot run on {name}: it was made {kind} by {by}, and "
                                           f"{p.name} needs it {' or '.join(p.accepts)}; reorder the passes or "
                                           "add the module to `ignore`")
                 p.check_module(name, linear)
-            per_layer.append([name for name, _ in chosen])
+                names.append(name)
+            per_layer.append(names)
         for target in p.targets:
             if not any(matches(name, module, [target]) for name, module in everything):
                 raise CompressorError(f"pass {p.name}: target {target!r} matches no linear in the decoder "
@@ -91,7 +96,7 @@ def compress_model(model: PreTrainedModel, adapter: Adapter, passes: list[Pass],
                 for name, record in done.items():
                     records[name].append(record)
             else:
-                linears = {name: model.get_submodule(name) for name in per_layer[i]}
+                linears = current_targets(model, per_layer[i])
                 stats = collect_stats(layer, linears, hidden, kwargs, p.stats, device) if p.stats else {}
                 for name, linear in linears.items():
                     module, record = p.apply(name, linear, stats.pop(name, None))
@@ -112,6 +117,19 @@ def compress_model(model: PreTrainedModel, adapter: Adapter, passes: list[Pass],
                 records[name].append(record)
     bar.close()
     return dict(records)
+
+
+def current_targets(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+    """The planned names resolved against the model as the earlier passes left it: the factors of a
+    low-rank linear (NAME.down, NAME.up) that stayed dense (no parameters saved) resolve to NAME."""
+    modules = {}
+    for name in names:
+        try:
+            modules[name] = model.get_submodule(name)
+        except AttributeError:
+            parent = name.rpartition(".")[0]
+            modules[parent] = model.get_submodule(parent)
+    return modules
 
 
 @torch.no_grad()

@@ -71,7 +71,7 @@ BAD_RECIPES = {
     "lowrank two ranks": ({"passes": [{"lowrank": {"rank": 4, "energy": 0.9}}]}, "got ['rank', 'energy']"),
     "lowrank ratio 1": ({"passes": [{"lowrank": {"param_ratio": 1.0}}]}, "lowrank.param_ratio: got 1.0"),
     "lowrank method": ({"passes": [{"lowrank": {"rank": 4, "method": "asvd"}}]}, "allowed: activation, svd"),
-    "quantize low-rank": ({"passes": [{"lowrank": {"rank": 4}}, {"gptq": {"bits": 4}}]}, "it was made lowrank"),
+    "slice low-rank": ({"passes": [{"lowrank": {"rank": 4}}, {"slice": {}}]}, "it was made lowrank"),
     "bad samples": ({"calibration": {"samples": 0}}, "calibration.samples"),
     "bad device": ({"device": "tpu"}, "allowed: auto, cpu, cuda"),
     "empty passes": ({"passes": []}, "non-empty list"),

@@ -67,3 +67,23 @@ def test_plain_svd_needs_no_calibration_data(llama_dir):
               "calibration": {"dataset": "/no/such/file.txt"}}
     model = compressor.compress(recipe, progress=False)
     assert isinstance(model.model.layers[0].self_attn.q_proj, LowRankLinear)
+
+
+def test_lowrank_then_gptq_quantizes_both_factors_or_the_linear_left_dense(llama_dir, corpus, tmp_path):
+    from compressor.nn import QuantLinear
+
+    out = tmp_path / "ckpt"
+    # rank 30 saves parameters on the 64 -> 128 MLP linears but not on the 64 -> 32 k_proj
+    passes = [{"lowrank": {"rank": 30}}, {"gptq": {"bits": 4, "group_size": 16}}]
+    model = compressor.compress(recipe_dict(llama_dir, corpus, passes, out), progress=False)
+    layer = model.model.layers[1]
+    assert isinstance(layer.mlp.up_proj, LowRankLinear)
+    assert isinstance(layer.mlp.up_proj.down, QuantLinear) and isinstance(layer.mlp.up_proj.up, QuantLinear)
+    assert isinstance(layer.self_attn.k_proj, QuantLinear)
+    records = model.compression_config["modules"]
+    assert [r["pass"] for r in records["model.layers.1.mlp.up_proj"]] == ["lowrank"]
+    assert [r["pass"] for r in records["model.layers.1.mlp.up_proj.down"]] == ["gptq"]
+    assert [r["pass"] for r in records["model.layers.1.self_attn.k_proj"]] == ["lowrank", "gptq"]
+    with torch.no_grad():
+        torch.testing.assert_close(compressor.load(out)(input_ids=IDS).logits, model(input_ids=IDS).logits,
+                                   rtol=0, atol=0)

@@ -9,6 +9,7 @@
   rank = floor(param_ratio * in * out / (in + out)) (0.8 is a 20% cut);
 - `energy`: the smallest rank whose singular values keep this fraction of sum(sigma^2).
 A linear is only factorized when rank * (in + out) < in * out; otherwise it stays dense (recorded).
+A later quantization pass in the same recipe quantizes the two factors (`NAME.down`, `NAME.up`).
 """
 
 from dataclasses import dataclass
@@ -87,9 +88,9 @@ class LowRank(Pass):
             return linear, {**record, "factorized": False}
         A, B = split_factors(left, sigma, right, rank)  # W^T ~ A [in, r] @ B [r, out]
         module = LowRankLinear(in_features, out_features, rank, linear.bias is not None, W.dtype).to(W.device)
-        module.down.copy_(A.T)
-        module.up.copy_(B.T)
+        module.down.weight.copy_(A.T)
+        module.up.weight.copy_(B.T)
         if linear.bias is not None:
-            module.bias.copy_(linear.bias)
+            module.up.bias.copy_(linear.bias)
         return module, {**record, "factorized": True, "parameters": rank * (in_features + out_features),
                         "runtime": module.runtime_config()}
