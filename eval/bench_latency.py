@@ -41,8 +41,8 @@ def measure(source: str, batch: int, tokens: int, repeats: int, dense: str) -> d
     step_ids = ids[:, -1:]
 
     def decode():
-        cache.crop(tokens)  # back to the prompt, so every step sees the same cache length
         model(input_ids=step_ids, past_key_values=cache, use_cache=True)
+        cache.crop(-1)  # drop the new token again, so every step sees the prompt's cache length
 
     counts = count_parameters(model)
     return {"model": source, "dense_model": dense, "batch": batch, "tokens": tokens, "prefill_ms": prefill,
