@@ -48,16 +48,16 @@ def plan(model: PreTrainedModel, adapter: Adapter, passes: list[Pass]) -> list[l
             everything += chosen
             names = []
             for name, linear in chosen:
-                kind, by = state.get(name, ("dense", "the model"))
-                if kind == "lowrank" and "dense" in p.accepts and not isinstance(p, LayerPass):
-                    names += [f"{name}.down", f"{name}.up"]  # the factors are two dense linears
-                    continue
-                if kind not in p.accepts:
-                    raise CompressorError(f"pass {p.name} cannot run on {name}: it was made {kind} by {by}, and "
-                                          f"{p.name} needs it {' or '.join(p.accepts)}; reorder the passes or "
-                                          "add the module to `ignore`")
-                p.check_module(name, linear)
-                names.append(name)
+                factorized = state.get(name, ("dense",))[0] == "lowrank" and not isinstance(p, LayerPass)
+                for target in [f"{name}.down", f"{name}.up"] if factorized else [name]:  # factors: two linears
+                    kind, by = state.get(target, ("dense", "the model"))
+                    if kind not in p.accepts:
+                        raise CompressorError(f"pass {p.name} cannot run on {target}: it was made {kind} by {by}, "
+                                              f"and {p.name} needs it {' or '.join(p.accepts)}; reorder the passes "
+                                              "or add the module to `ignore`")
+                    names.append(target)
+                if not factorized:
+                    p.check_module(name, linear)
             per_layer.append(names)
         for target in p.targets:
             if not any(matches(name, module, [target]) for name, module in everything):

@@ -69,12 +69,12 @@ def test_plain_svd_needs_no_calibration_data(llama_dir):
     assert isinstance(model.model.layers[0].self_attn.q_proj, LowRankLinear)
 
 
-def test_lowrank_then_gptq_quantizes_both_factors_or_the_linear_left_dense(llama_dir, corpus, tmp_path):
+def test_lowrank_then_gptq_and_lrec_work_on_both_factors_or_the_linear_left_dense(llama_dir, corpus, tmp_path):
     from compressor.nn import QuantLinear
 
     out = tmp_path / "ckpt"
     # rank 30 saves parameters on the 64 -> 128 MLP linears but not on the 64 -> 32 k_proj
-    passes = [{"lowrank": {"rank": 30}}, {"gptq": {"bits": 4, "group_size": 16}}]
+    passes = [{"lowrank": {"rank": 30}}, {"gptq": {"bits": 4, "group_size": 16}}, {"lrec": {"rank": 4}}]
     model = compressor.compress(recipe_dict(llama_dir, corpus, passes, out), progress=False)
     layer = model.model.layers[1]
     assert isinstance(layer.mlp.up_proj, LowRankLinear)
@@ -82,8 +82,8 @@ def test_lowrank_then_gptq_quantizes_both_factors_or_the_linear_left_dense(llama
     assert isinstance(layer.self_attn.k_proj, QuantLinear)
     records = model.compression_config["modules"]
     assert [r["pass"] for r in records["model.layers.1.mlp.up_proj"]] == ["lowrank"]
-    assert [r["pass"] for r in records["model.layers.1.mlp.up_proj.down"]] == ["gptq"]
-    assert [r["pass"] for r in records["model.layers.1.self_attn.k_proj"]] == ["lowrank", "gptq"]
+    assert [r["pass"] for r in records["model.layers.1.mlp.up_proj.down"]] == ["gptq", "lrec"]
+    assert [r["pass"] for r in records["model.layers.1.self_attn.k_proj"]] == ["lowrank", "gptq", "lrec"]
     with torch.no_grad():
         torch.testing.assert_close(compressor.load(out)(input_ids=IDS).logits, model(input_ids=IDS).logits,
                                    rtol=0, atol=0)
