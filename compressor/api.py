@@ -118,13 +118,13 @@ def run(recipe_path: "str | Path | dict", overwrite: bool = False, progress: boo
     if ev:
         report["before"] = {**evaluate(loaded.model, loaded.tokenizer, ev.dataset, ev.seqlen, ev.windows,
                                        recipe.device, progress), **size}
-    else:
-        report["before"] = {**count_parameters(loaded.model), **size}
     start = time.perf_counter()
-    _compress_loaded(recipe, loaded, overwrite, progress)
+    model = _compress_loaded(recipe, loaded, overwrite, progress)
+    if not ev:  # the dense counts that compression recorded
+        report["before"] = {**model.compression_config["parameters"]["dense"], **size}
     report["compress_wall_s"] = round(time.perf_counter() - start, 1)
     report["compress_memory"] = peak_memory(resolve_device(recipe.device))
-    del loaded
+    del loaded, model
     if ev:
         report["after"] = evaluate(recipe.output, None, ev.dataset, ev.seqlen, ev.windows, recipe.device, progress)
     else:

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 from compressor.errors import CompressorError
 from compressor.models import Adapter
 from compressor.passes import Pass
-from compressor.passes.base import LayerPass, matches
+from compressor.passes.base import LayerPass, layer_output, matches
 
 
 class _Stop(Exception):
@@ -171,9 +171,7 @@ def capture_layer_inputs(model: PreTrainedModel, adapter: Adapter, windows: torc
 
 @torch.no_grad()
 def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, device: torch.device) -> torch.Tensor:
-    out = layer(hidden.to(device), **kwargs)
-    out = out[0] if isinstance(out, tuple) else out
-    return out.cpu()
+    return layer_output(layer, hidden.to(device), kwargs).cpu()
 
 
 @torch.no_grad()

@@ -9,6 +9,12 @@ from torch import nn
 from compressor.errors import CompressorError
 
 
+def layer_output(layer: nn.Module, hidden, kwargs: dict):
+    """The hidden states a decoder layer returns (some architectures return a tuple)."""
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
 class ParamError(CompressorError):
     """A pass parameter is invalid; `key` names it so the recipe can point at it."""
 

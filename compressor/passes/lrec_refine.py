@@ -18,7 +18,7 @@ from torch import nn
 
 from compressor.errors import CompressorError
 from compressor.nn import QuantLinear
-from compressor.passes.base import LayerPass, ParamError
+from compressor.passes.base import LayerPass, ParamError, layer_output
 
 
 @dataclass
@@ -54,14 +54,14 @@ class LRECRefine(LayerPass):
             with torch.no_grad():
                 for q in linears.values():
                     q.forward = _dense_forward(q)
-                targets = [_output(layer, h.to(device), kwargs).cpu() for h in hidden]
+                targets = [layer_output(layer, h.to(device), kwargs).cpu() for h in hidden]
             for name, q in linears.items():
                 q.forward = _quantized_forward(q, q.weight_dequantized(torch.float32), *factors[name])
             with torch.enable_grad():
                 for step in range(self.steps):
                     j = step % len(hidden)
                     y = targets[j].to(device)
-                    loss = F.mse_loss(_output(layer, hidden[j].to(device), kwargs), y) / y.pow(2).mean()
+                    loss = F.mse_loss(layer_output(layer, hidden[j].to(device), kwargs), y) / y.pow(2).mean()
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
@@ -76,11 +76,6 @@ class LRECRefine(LayerPass):
                   "relative_error_first": round(sum(losses[:window]) / window, 6),
                   "relative_error_last": round(sum(losses[-window:]) / window, 6)}
         return hidden, {name: dict(record) for name in linears}
-
-
-def _output(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    out = layer(x, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
 
 
 def _dense_forward(q: QuantLinear):

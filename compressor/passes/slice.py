@@ -36,7 +36,7 @@ from compressor.errors import CompressorError
 from compressor.models import Adapter
 from compressor.nn import RMSNormOverWidth, Rotation
 from compressor.nn.sliced import resize_config
-from compressor.passes.base import LayerPass, ParamError
+from compressor.passes.base import LayerPass, ParamError, layer_output
 
 
 def sliced_width(width: int, fraction: float) -> int:
@@ -215,9 +215,9 @@ class Slice(LayerPass):
                 if layer is None:
                     accumulate(h.to(device))
                     continue
-                out = layer(h.to(device), **kwargs)
+                out = layer_output(layer, h.to(device), kwargs)
                 if at is None:
-                    accumulate(out[0] if isinstance(out, tuple) else out)
+                    accumulate(out)
         finally:
             if handle is not None:
                 handle.remove()
