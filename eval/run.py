@@ -160,6 +160,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--methods", nargs="+", help="a subset of the suite's methods")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md from the .json")
+    parser.add_argument("--conditions", help="what else ran on the machine meanwhile (replaces the file's text)")
     args = parser.parse_args()
     methods = SUITES[args.suite]
     for method in args.methods or []:
@@ -170,10 +171,11 @@ def main() -> None:
     command = " ".join(["python eval/run.py", args.suite] + (["--windows", str(args.windows)] if args.windows else [])
                        + (["--models", *args.models] if args.models != MODELS else [])
                        + (["--methods", *(f'"{m}"' for m in args.methods)] if args.methods else []))
-    rows = json.loads(stem.with_suffix(".json").read_text())["rows"] if stem.with_suffix(".json").exists() else []
+    saved = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else {}
+    rows = saved.get("rows", [])
+    conditions = saved.get("conditions", "") if args.conditions is None else args.conditions
     if args.render:
-        saved = json.loads(stem.with_suffix(".json").read_text())
-        write(rows, stem, saved["command"], saved.get("conditions", ""))
+        write(rows, stem, saved["command"], conditions)
         return
     done = {(r["model"], r["method"]) for r in rows}
     # Checkpoints go to a temporary folder, deleted after a clean run and kept (and named) after a failure.
@@ -184,7 +186,7 @@ def main() -> None:
                 continue
             if row := measured_elsewhere(args.suite, model, method, suffix):
                 rows.append(row)
-                write(rows, stem, command)
+                write(rows, stem, command, conditions)
                 continue
             start = time.perf_counter()
             try:
@@ -192,7 +194,7 @@ def main() -> None:
             except subprocess.CalledProcessError:
                 sys.exit(f"{model} {method} failed; its files are kept in {tmp}")
             print(f"{model} {method}: ppl {rows[-1]['ppl']:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
-            write(rows, stem, command)
+            write(rows, stem, command, conditions)
     shutil.rmtree(tmp)
 
 
