@@ -59,6 +59,27 @@ def test_sliced_checkpoint_reloads_with_its_new_shapes(arch, corpus, tmp_path):
     assert "parameters without embeddings and head" in result.output
 
 
+def test_layer_fractions_set_each_layers_width(llama_dir, corpus, tmp_path):
+    out = tmp_path / "ckpt"
+    passes = [{"slice": {"fraction": 0.25, "layer_fractions": {0: 0.0, "1": 0.5}}}]
+    model = compressor.compress(recipe_dict(llama_dir, corpus, passes, out), progress=False)
+    widths = [layer.mlp.gate_proj.in_features for layer in model.model.layers]
+    assert widths == [64, 32, 48]
+    torch.testing.assert_close(logits(compressor.load(out)), logits(model), rtol=0, atol=0)
+    result = CliRunner().invoke(main, ["info", str(out)])
+    assert "residual stream width per decoder layer: layer 0 64, layer 1 32, layer 2 48" in result.output, \
+        result.output
+
+
+@pytest.mark.parametrize("layer_fractions, match", [({3: 0.1}, "model has 3 decoder layers"),
+                                                    ({0: 1.0}, "fraction in"), ({"x": 0.1}, "mapping")])
+def test_bad_layer_fractions_are_refused(layer_fractions, match, llama_dir, corpus, tmp_path):
+    passes = [{"slice": {"fraction": 0.25, "layer_fractions": layer_fractions}}]
+    with pytest.raises(CompressorError, match=match):
+        compressor.compress(recipe_dict(llama_dir, corpus, passes, tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_untying_slices_embeddings_and_head_separately(llama_dir, corpus):
     model = compressor.compress(recipe_dict(llama_dir, corpus, [{"slice": {"fraction": 0.25,
                                                                           "slice_embeddings": True}}]),

@@ -25,7 +25,7 @@ the linears can reproduce, so such architectures are refused.
 """
 
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -70,6 +70,7 @@ class Slice(LayerPass):
     # None: slice the embeddings and head unless they are tied (then keep both at full width)
     slice_embeddings: bool | None = None
     damp: float = 0.0  # added to C's diagonal, as a fraction of its mean, before the eigendecomposition
+    layer_fractions: dict = field(default_factory=dict)  # {decoder layer index: fraction}, overriding `fraction`
 
     def validate(self) -> None:
         if not 0 < self.fraction < 1:
@@ -79,6 +80,14 @@ class Slice(LayerPass):
                                         "it takes no targets or ignore")
         if self.damp < 0:
             raise ParamError("damp", f"got {self.damp}; allowed: a number >= 0")
+        try:
+            self.layer_fractions = {int(layer): float(f) for layer, f in (self.layer_fractions or {}).items()}
+        except (TypeError, ValueError, AttributeError):
+            raise ParamError("layer_fractions", f"got {self.layer_fractions!r}; allowed: a mapping from decoder "
+                                                "layer index to fraction, e.g. {0: 0.0, 1: 0.3}") from None
+        for layer, f in self.layer_fractions.items():
+            if layer < 0 or not 0 <= f < 1:
+                raise ParamError("layer_fractions", f"layer {layer}: {f}; allowed: index >= 0, fraction in [0, 1)")
 
     def check_adapter(self, adapter: Adapter) -> None:
         for block, (writer, norm) in [("attention", adapter.attn_output), ("MLP", adapter.mlp_output)]:
@@ -96,6 +105,10 @@ class Slice(LayerPass):
                     ) -> tuple[list[torch.Tensor], dict[str, dict]]:
         """Slice decoder layer `index`; return its (possibly rotated) cached inputs and the records."""
         prefix = f"{adapter.layers}.{index}"
+        n_layers = len(adapter.decoder_layers(model))
+        if index == 0 and any(layer >= n_layers for layer in self.layer_fractions):
+            raise ParamError("layer_fractions", f"layers {sorted(self.layer_fractions)} named, but the model has "
+                                                f"{n_layers} decoder layers (0 to {n_layers - 1})")
         (attn_norm, attn_readers), (mlp_norm, mlp_readers) = adapter.attn_inputs, adapter.mlp_inputs
         attn_writer, mlp_writer = adapter.attn_output[0], adapter.mlp_output[0]
         records = {}
@@ -104,7 +117,7 @@ class Slice(LayerPass):
             layer.set_submodule(norm_name, norm)
             records[f"{prefix}.{norm_name}"] = {"pass": self.name, "runtime": norm.runtime_config()}
         full_width = layer.get_submodule(mlp_norm).full_width
-        width = sliced_width(full_width, self.fraction)
+        width = sliced_width(full_width, self.layer_fractions.get(index, self.fraction))
         if index == 0:
             hidden = self._start(model, adapter, hidden, width, device, records)
         P = self._frame  # [D, k_in], or None: the input arrives in the original basis
@@ -123,7 +136,7 @@ class Slice(LayerPass):
         for name in mlp_readers:
             self._rotate_reader(layer.get_submodule(name), Q_mid)
         self._set(layer.mlp_shortcut, Q_mid.T)  # the output back in the original basis, to find Q_out
-        if index == len(adapter.decoder_layers(model)) - 1 and not self._slice_embeddings:
+        if index == n_layers - 1 and not self._slice_embeddings:
             Q_out = eye  # a full-width head reads the last layer's output in the original basis
         else:
             Q_out = self.principal_axes(layer, hidden, kwargs, device, at=None)[:, :width]
