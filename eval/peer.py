@@ -1,0 +1,103 @@
+"""The peer: vLLM's llm-compressor on our models, calibration and perplexity protocol (v1).
+
+llm-compressor pins its own transformers, so it runs in a separate environment that still sees
+this checkout (and torch) from the main one:
+
+    python -m venv --system-site-packages .peer
+    .peer/bin/pip install llmcompressor==0.14.0.1
+    .peer/bin/python eval/peer.py --model bundled:smollm2-135m --methods "wanda 50%" "sparsegpt 2:4"
+
+Calibration: the same wikileads-calib-v1 windows (64 x 2048, seed 0) that eval/run.py gives our
+passes. Every decoder linear is targeted, the head is not (as in our suites). The perplexity is
+measured on the model in memory right after `oneshot` (llm-compressor's sparse checkpoints do not
+re-load through transformers here; see shared/anchors.md). Writes eval/results/peer-llmcompressor.json/.md.
+"""
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+import llmcompressor
+import torch
+import transformers
+from datasets import Dataset
+from llmcompressor import oneshot
+from llmcompressor.modifiers.pruning import MagnitudePruningModifier, SparseGPTModifier, WandaPruningModifier
+
+from compressor.data import calibration_windows, load_documents
+from compressor.evaluate import perplexity
+from compressor.models import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SEQLEN, SEED = 2048, 0
+IGNORE = ["re:.*lm_head"]  # its names end in a dot here ("lm_head."), so a plain "lm_head" does not match
+METHODS = {
+    f"{name} {label}": (modifier, setting)
+    for name, modifier in [("wanda", WandaPruningModifier), ("sparsegpt", SparseGPTModifier)]
+    for label, setting in [("50%", {"sparsity": 0.5}), ("2:4", {"sparsity": 0.5, "mask_structure": "2:4"}),
+                           ("4:8", {"sparsity": 0.5, "mask_structure": "4:8"}), ("60%", {"sparsity": 0.6}),
+                           ("70%", {"sparsity": 0.7})]
+}
+METHODS["magnitude 50%"] = (MagnitudePruningModifier, {"init_sparsity": 0.5, "final_sparsity": 0.5,
+                                                       "start": 0, "end": 0, "update_frequency": 1})
+
+
+def run(model_source: str, method: str, samples: int, windows: int | None) -> dict:
+    loaded = load_model(model_source)
+    ids = calibration_windows(loaded.tokenizer, load_documents("bundled:wikileads", "calibration"),
+                              samples, SEQLEN, SEED)
+    dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    modifier, setting = METHODS[method]
+    targets = {} if modifier is MagnitudePruningModifier else {"targets": ["Linear"]}
+    recipe = modifier(**setting, **targets, ignore=IGNORE)
+    start = time.perf_counter()
+    oneshot(model=loaded.model, dataset=dataset, recipe=recipe, num_calibration_samples=samples,
+            max_seq_length=SEQLEN, shuffle_calibration_samples=False)
+    compress_wall = time.perf_counter() - start
+    compress_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = perplexity(loaded.model, loaded.tokenizer, windows=windows, progress=False)
+    linears = [m for n, m in loaded.model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    zeros = sum((m.weight == 0).sum().item() for m in linears) / sum(m.weight.numel() for m in linears)
+    return {**result, "model": model_source, "method": method, "tool": f"llmcompressor {llmcompressor.__version__}",
+            "transformers": transformers.__version__, "compress_wall_s": round(compress_wall, 1),
+            "compress_peak_rss_mb": round(compress_rss, 1), "linear_sparsity": round(zeros, 4),
+            "calibration": f"wikileads-calib-v1, {samples} x {SEQLEN}, seed {SEED}"}
+
+
+def write(rows: list[dict], stem: Path) -> None:
+    stem.with_suffix(".json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    lines = ["# llm-compressor on our models, data and protocol", "",
+             "Reproduce: see eval/peer.py. Calibration as the row says (64 x 2048 in every comparison); every "
+             "decoder linear, not the head; perplexity of the model in memory after `oneshot`. Wall times are "
+             "from the 2-core CPU machine; `conditions` in each row says what else ran meanwhile.", "",
+             "| model | tool | method | PPL | protocol | windows | calibration | sparsity of decoder linears | "
+             "compress wall | peak RSS | conditions |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['tool']} | {r['method']} | {r['ppl']:.3f} | {r['protocol']} | "
+                     f"{r['windows']} of {r['windows_in_split']} | {r['calibration']} | {r['linear_sparsity']:.4f} | "
+                     f"{r['compress_wall_s']} s | {r['compress_peak_rss_mb']} MB | {r.get('conditions', '')} |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="bundled:smollm2-135m")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), required=True)
+    parser.add_argument("--samples", type=int, default=64, help="calibration windows (64 in every comparison)")
+    parser.add_argument("--windows", type=int, help="first N eval windows only (quick runs)")
+    parser.add_argument("--conditions", default="", help="what else ran on the machine meanwhile")
+    args = parser.parse_args()
+    stem = ROOT / "eval" / "results" / ("peer-llmcompressor" + (f"-windows{args.windows}" if args.windows else ""))
+    rows = json.loads(stem.with_suffix(".json").read_text())["rows"] if stem.with_suffix(".json").exists() else []
+    for method in args.methods:
+        row = run(args.model, method, args.samples, args.windows)
+        row["conditions"] = args.conditions
+        rows = [r for r in rows if (r["model"], r["method"]) != (args.model, method)] + [row]
+        print(f"{args.model} {method}: ppl {row['ppl']:.3f}, compress {row['compress_wall_s']} s", flush=True)
+        write(rows, stem)
+
+
+if __name__ == "__main__":
+    main()
