@@ -1,4 +1,4 @@
-"""The peer: vLLM's llm-compressor on our models, calibration and perplexity protocol (v1).
+"""The peer: vLLM's llm-compressor (Wanda, SparseGPT, GPTQ) on our models, calibration and protocol v1.
 
 llm-compressor pins its own transformers, so it runs in a separate environment that still sees
 this checkout (and torch) from the main one:
@@ -8,9 +8,11 @@ this checkout (and torch) from the main one:
     .peer/bin/python eval/peer.py --model bundled:smollm2-135m --methods "wanda 50%" "sparsegpt 2:4"
 
 Calibration: the same wikileads-calib-v1 windows (64 x 2048, seed 0) that eval/run.py gives our
-passes. Every decoder linear is targeted, the head is not (as in our suites). The perplexity is
+passes. Every decoder linear is targeted, the head is not (as in our suites); GPTQ is symmetric int
+with llm-compressor's default static act-order unless the method says otherwise. The perplexity is
 measured on the model in memory right after `oneshot` (llm-compressor's sparse checkpoints do not
-re-load through transformers here; see shared/anchors.md). Writes eval/results/peer-llmcompressor.json/.md.
+re-load through transformers here; see shared/anchors.md), with fake-quantized weights for GPTQ.
+Writes eval/results/peer-llmcompressor.json/.md.
 """
 
 import argparse
@@ -22,9 +24,11 @@ from pathlib import Path
 import llmcompressor
 import torch
 import transformers
+from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from datasets import Dataset
 from llmcompressor import oneshot
-from llmcompressor.modifiers.pruning import MagnitudePruningModifier, SparseGPTModifier, WandaPruningModifier
+from llmcompressor.modifiers.gptq import GPTQModifier
+from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 
 from compressor.data import calibration_windows, load_documents
 from compressor.evaluate import perplexity
@@ -33,15 +37,24 @@ from compressor.models import load_model
 ROOT = Path(__file__).resolve().parents[1]
 SEQLEN, SEED = 2048, 0
 IGNORE = ["re:.*lm_head"]  # its names end in a dot here ("lm_head."), so a plain "lm_head" does not match
+PRUNING = [("50%", {"sparsity": 0.5}), ("2:4", {"sparsity": 0.5, "mask_structure": "2:4"}),
+           ("4:8", {"sparsity": 0.5, "mask_structure": "4:8"}), ("60%", {"sparsity": 0.6}), ("70%", {"sparsity": 0.7})]
+
+
+def gptq(bits: int, group_size: int, actorder: str | None) -> GPTQModifier:
+    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group_size)
+    return GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
+                        ignore=IGNORE, actorder=actorder)
+
+
 METHODS = {
-    f"{name} {label}": (modifier, setting)
+    f"{name} {label}": lambda modifier=modifier, setting=setting: modifier(**setting, targets=["Linear"], ignore=IGNORE)
     for name, modifier in [("wanda", WandaPruningModifier), ("sparsegpt", SparseGPTModifier)]
-    for label, setting in [("50%", {"sparsity": 0.5}), ("2:4", {"sparsity": 0.5, "mask_structure": "2:4"}),
-                           ("4:8", {"sparsity": 0.5, "mask_structure": "4:8"}), ("60%", {"sparsity": 0.6}),
-                           ("70%", {"sparsity": 0.7})]
+    for label, setting in PRUNING
+} | {
+    f"GPTQ W{bits} g{group}{suffix}": lambda bits=bits, group=group, order=order: gptq(bits, group, order)
+    for bits in (4, 3, 2) for group in (64, 128) for suffix, order in [("", "static"), (" no act-order", None)]
 }
-METHODS["magnitude 50%"] = (MagnitudePruningModifier, {"init_sparsity": 0.5, "final_sparsity": 0.5,
-                                                       "start": 0, "end": 0, "update_frequency": 1})
 
 
 def run(model_source: str, method: str, samples: int, windows: int | None) -> dict:
@@ -49,9 +62,7 @@ def run(model_source: str, method: str, samples: int, windows: int | None) -> di
     ids = calibration_windows(loaded.tokenizer, load_documents("bundled:wikileads", "calibration"),
                               samples, SEQLEN, SEED)
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
-    modifier, setting = METHODS[method]
-    targets = {} if modifier is MagnitudePruningModifier else {"targets": ["Linear"]}
-    recipe = modifier(**setting, **targets, ignore=IGNORE)
+    recipe = METHODS[method]()
     start = time.perf_counter()
     oneshot(model=loaded.model, dataset=dataset, recipe=recipe, num_calibration_samples=samples,
             max_seq_length=SEQLEN, shuffle_calibration_samples=False)
