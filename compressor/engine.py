@@ -178,12 +178,12 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, device: torc
 def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[torch.Tensor], kwargs: dict,
                   kind: str, device: torch.device) -> dict[str, Any]:
     """Run the layer on every cached input with hooks on `linears`; return one statistic per linear:
-    "input_moments": [sum_t x_t, sum_t x_t^2], [2, in] float64; "hessian": sum_t x_t x_t^T, [in, in] float32."""
-    if kind not in ("input_moments", "hessian"):
+    "input_sq_norms": sum_t x_t^2, [in] float64; "hessian": sum_t x_t x_t^T, [in, in] float32."""
+    if kind not in ("input_sq_norms", "hessian"):
         raise ValueError(f"unknown statistic {kind!r}")
     sums = {}
     for name, lin in linears.items():
-        shape, dtype = ((2, lin.in_features), torch.float64) if kind == "input_moments" else \
+        shape, dtype = ((lin.in_features,), torch.float64) if kind == "input_sq_norms" else \
             ((lin.in_features, lin.in_features), torch.float32)
         sums[name] = torch.zeros(shape, dtype=dtype, device=device)
 
@@ -197,9 +197,9 @@ def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[
                 x = inputs[0].reshape(-1, inputs[0].shape[-1])  # [tokens, in]
                 if not torch.isfinite(x).all():
                     raise CompressorError(f"non-finite calibration activations entering {name}")
-                if kind == "input_moments":
+                if kind == "input_sq_norms":
                     x = x.to(torch.float64)
-                    stat = torch.stack([x.sum(dim=0), (x * x).sum(dim=0)])
+                    stat = (x * x).sum(dim=0)
                 else:
                     x = x.to(torch.float32)
                     stat = x.T @ x

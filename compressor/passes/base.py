@@ -43,7 +43,7 @@ class Pass:
     """
 
     name: ClassVar[str] = ""
-    # Per-linear calibration statistic: None; "input_moments" (sums over tokens of x_j and x_j^2, [2, in], float64);
+    # Per-linear calibration statistic: None; "input_sq_norms" (sum over tokens of x_j^2, [in], float64);
     # "hessian" (sum over tokens of x x^T, [in, in], float32); "layer" (a LayerPass that runs the layer itself).
     stats: ClassVar[str | None] = None
     # What a targeted linear must be before the pass ("dense", "pruned", "quantized", "lowrank") and after.

@@ -81,15 +81,12 @@ class _Prune(Pass):
     def score(self, weight: torch.Tensor, stats: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def keep_mask(self, weight: torch.Tensor, stats: torch.Tensor | None) -> torch.Tensor:
-        score = self.score(weight, stats)
-        nm = parse_pattern(self.pattern)
-        return row_keep_mask(score, self.sparsity) if nm is None else nm_keep_mask(score, *nm)
-
     @torch.no_grad()
     def apply(self, name: str, linear: nn.Linear, stats: torch.Tensor | None) -> tuple[nn.Module, dict]:
         weight = linear.weight.data
-        keep = self.keep_mask(weight.float(), stats)
+        score = self.score(weight.float(), stats)
+        nm = parse_pattern(self.pattern)
+        keep = row_keep_mask(score, self.sparsity) if nm is None else nm_keep_mask(score, *nm)
         weight.mul_(keep.to(weight.dtype))
         zeros = (weight == 0).sum().item()
         return linear, {"pass": self.name, "pattern": self.pattern, "sparsity": zeros / weight.numel()}
@@ -105,70 +102,15 @@ class Magnitude(_Prune):
         return weight.abs()
 
 
-def dsnot(weight: torch.Tensor, keep: torch.Tensor, input_sum: torch.Tensor, score: torch.Tensor,
-          nm: tuple[int, int] | None, cycles: int) -> torch.Tensor:
-    """DSnoT-style prune-and-grow (Zhang et al., 2024), no training: swap pruned and kept weights of
-    each row so that the mean output the pruned weights take away shrinks.
-
-    Row i loses e_i = sum_{j pruned} W_ij m_j of its mean output (m = the inputs' sum over tokens,
-    a mean up to a factor that no comparison here depends on). Swaps stay inside a group (of M inputs
-    for N:M, the whole row otherwise), so the pattern holds. Each cycle, per row and group: grow the
-    pruned weight that cancels most of e (largest sign(e) W_ij m_j), and prune, among the kept weights
-    whose removal moves the error back toward zero, the one of least `score`; of the groups where that
-    swap lowers |e|, the row takes the one whose grown weight cancels most. A row stops when no swap
-    lowers |e|. weight, keep, score [out, in]; input_sum [in] -> the new keep mask.
-    """
-    out_features, in_features = weight.shape
-    m = nm[1] if nm else in_features
-    shape = (out_features, in_features // m, m)  # [out, groups, M]
-    keep = keep.clone().reshape(shape)
-    contribution = (weight.double() * input_sum.double()[None, :]).reshape(shape)
-    score = score.reshape(shape)
-    error = (contribution * ~keep).sum(dim=(1, 2))  # [out]
-    for _ in range(cycles):
-        gain = torch.where(keep, -torch.inf, error.sign()[:, None, None] * contribution)
-        grow = gain.argmax(dim=2, keepdim=True)  # [out, groups, 1]
-        after_grow = error[:, None] - contribution.gather(2, grow)[..., 0]  # [out, groups]
-        candidates = keep & (contribution * after_grow.sign()[..., None] < 0)
-        prune = torch.where(candidates, score, torch.inf).argmin(dim=2, keepdim=True)
-        new_error = after_grow + contribution.gather(2, prune)[..., 0]
-        helps = (gain.gather(2, grow)[..., 0] > 0) & candidates.gather(2, prune)[..., 0] \
-            & (new_error.abs() < error.abs()[:, None])  # [out, groups]
-        if not helps.any():
-            break
-        best = torch.where(helps, gain.gather(2, grow)[..., 0], -torch.inf).argmax(dim=1)  # [out]
-        rows = helps.any(dim=1).nonzero()[:, 0]
-        g = best[rows]
-        keep[rows, g, grow[rows, g, 0]] = True
-        keep[rows, g, prune[rows, g, 0]] = False
-        error[rows] = new_error[rows, g]
-    return keep.reshape(out_features, in_features)
-
-
 @dataclass
 class Wanda(_Prune):
-    """Drop the weights of smallest |W_ij| * ||X_j||_2 (Sun et al., 2023), X the linear's calibration inputs;
-    with dsnot_cycles > 0, then refine the mask with `dsnot`."""
+    """Drop the weights of smallest |W_ij| * ||X_j||_2 (Sun et al., 2023), X the linear's calibration inputs."""
 
     name: ClassVar[str] = "wanda"
-    stats: ClassVar[str | None] = "input_moments"
-
-    dsnot_cycles: int = 0
-
-    def validate(self) -> None:
-        super().validate()
-        if not isinstance(self.dsnot_cycles, int) or self.dsnot_cycles < 0:
-            raise ParamError("dsnot_cycles", f"got {self.dsnot_cycles!r}; allowed: an integer >= 0 (0: off)")
+    stats: ClassVar[str | None] = "input_sq_norms"
 
     def score(self, weight: torch.Tensor, stats: torch.Tensor | None) -> torch.Tensor:
-        return weight.abs() * stats[1].to(weight.device).float().sqrt()[None, :]
-
-    def keep_mask(self, weight: torch.Tensor, stats: torch.Tensor | None) -> torch.Tensor:
-        keep = super().keep_mask(weight, stats)
-        if self.dsnot_cycles:
-            keep = dsnot(weight, keep, stats[0].to(weight.device), self.score(weight, stats),
-                         parse_pattern(self.pattern), self.dsnot_cycles)
-        return keep
+        return weight.abs() * stats.to(weight.device).float().sqrt()[None, :]
 
 
 def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, nm: tuple[int, int] | None,
