@@ -63,6 +63,8 @@ SUITES = {
     },
     "slicing": {"dense": None} | {f"slice {pct}%": [{"slice": {"fraction": pct / 100}}] for pct in (10, 20, 25, 30)} | {
         "slice 25% + GPTQ W4 g64": [{"slice": {"fraction": 0.25}}, {"gptq": {"bits": 4, "group_size": 64}}],
+        # as many parameters as slice 25% (a few fewer), but layer 0, where the embeddings enter, kept whole
+        "slice 26%, layer 0 unsliced": [{"slice": {"fraction": 0.26, "layer_fractions": {0: 0.0}}}],
     },
     "lowrank": {"dense": None} | {
         f"lowrank {method} -{cut}%": [{"lowrank": {"param_ratio": 1 - cut / 100, "method": method}}]
