@@ -40,7 +40,7 @@ def plan(model: PreTrainedModel, adapter: Adapter, passes: list[Pass]) -> list[l
     state: dict[str, tuple[str, str]] = {}  # linear name -> (what it is now, which pass made it so)
     selected = []
     for p in passes:
-        p.check_adapter(adapter)
+        p.check_model(model, adapter)
         per_layer, everything = [], []
         for i, layer in enumerate(layers):
             prefix = f"{adapter.layers}.{i}."

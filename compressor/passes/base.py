@@ -60,8 +60,8 @@ class Pass:
         return isinstance(module, nn.Linear) and matches(name, module, self.targets) \
             and not matches(name, module, self.ignore)
 
-    def check_adapter(self, adapter) -> None:
-        """Check that the pass can run on this architecture at all; raise CompressorError."""
+    def check_model(self, model, adapter) -> None:
+        """Check that the pass can run on this model and architecture at all; raise CompressorError."""
 
     def check_module(self, name: str, linear: nn.Linear) -> None:
         """Check that the pass can run on this linear before any work starts; raise CompressorError."""

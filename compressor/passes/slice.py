@@ -90,7 +90,11 @@ class Slice(LayerPass):
             if layer < 0 or not 0 <= f < 1:
                 raise ParamError("layer_fractions", f"layer {layer}: {f}; allowed: index >= 0, fraction in [0, 1)")
 
-    def check_adapter(self, adapter: Adapter) -> None:
+    def check_model(self, model: PreTrainedModel, adapter: Adapter) -> None:
+        n_layers = len(adapter.decoder_layers(model))
+        if any(layer >= n_layers for layer in self.layer_fractions):
+            raise ParamError("layer_fractions", f"slice: layer_fractions names layers {sorted(self.layer_fractions)}, "
+                                                f"but the model has {n_layers} decoder layers (0 to {n_layers - 1})")
         for block, (writer, norm) in [("attention", adapter.attn_output), ("MLP", adapter.mlp_output)]:
             if norm is not None:
                 raise CompressorError(
@@ -107,9 +111,6 @@ class Slice(LayerPass):
         """Slice decoder layer `index`; return its (possibly rotated) cached inputs and the records."""
         prefix = f"{adapter.layers}.{index}"
         n_layers = len(adapter.decoder_layers(model))
-        if index == 0 and any(layer >= n_layers for layer in self.layer_fractions):
-            raise ParamError("layer_fractions", f"layers {sorted(self.layer_fractions)} named, but the model has "
-                                                f"{n_layers} decoder layers (0 to {n_layers - 1})")
         (attn_norm, attn_readers), (mlp_norm, mlp_readers) = adapter.attn_inputs, adapter.mlp_inputs
         attn_writer, mlp_writer = adapter.attn_output[0], adapter.mlp_output[0]
         records = {}
