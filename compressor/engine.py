@@ -7,7 +7,8 @@
 2. For each layer: move it to the compute device; for each pass, collect the statistics it needs
    with forward hooks while the layer runs on the cached inputs, then let the pass compress the
    targeted linears (a LayerPass, such as slicing, transforms the whole layer itself); run the
-   compressed layer to get the next layer's inputs; move it back. LayerPasses then `finish`.
+   compressed layer to get the next layer's inputs (unless the LayerPass that changed it last already
+   has them); move it back. LayerPasses then `finish`.
 
 So only one layer is on the compute device at a time, and layer i+1 is calibrated on the outputs
 of the already compressed layer i.
@@ -89,25 +90,33 @@ def compress_model(model: PreTrainedModel, adapter: Adapter, passes: list[Pass],
         home = next(layer.parameters()).device
         layer.to(device)
         kwargs = _to(layer_kwargs[i], device) if needs_data else {}
+        outputs = None  # the compressed layer's outputs, when the last pass to change it computed them
         for p, per_layer in zip(passes, targets, strict=True):
             start = time.perf_counter()
             if isinstance(p, LayerPass):
-                hidden, done = p.apply_layer(model, adapter, i, layer, hidden, kwargs, device, per_layer[i])
+                hidden, done, outputs = p.apply_layer(model, adapter, i, layer, hidden, kwargs, device, per_layer[i])
                 for name, record in done.items():
                     records[name].append(record)
             else:
+                outputs = None
                 linears = current_targets(model, per_layer[i])
-                stats = collect_stats(layer, linears, hidden, kwargs, p.stats, device) if p.stats else {}
-                for name, linear in linears.items():
-                    module, record = p.apply(name, linear, stats.pop(name, None))
-                    if module is not linear:
-                        model.set_submodule(name, module)
-                    records[name].append(record)
+                try:
+                    stats = collect_stats(layer, linears, hidden, kwargs, p.stats, device) if p.stats else {}
+                    for name, linear in linears.items():
+                        module, record = p.apply(name, linear, stats.pop(name, None))
+                        if module is not linear:
+                            model.set_submodule(name, module)
+                        records[name].append(record)
+                except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
+                    if not isinstance(error, (MemoryError, torch.OutOfMemoryError)) \
+                            and "can't allocate memory" not in str(error):  # the CPU allocator's message
+                        raise
+                    raise out_of_memory(p.name, i, linears, device) from error
             bar.set_description(f"layer {i + 1}/{len(layers)} {p.name}")
             bar.set_postfix_str(f"{time.perf_counter() - start:.1f}s")
             bar.update()
         if needs_data and i + 1 < len(layers):
-            hidden = [run_layer(layer, h, kwargs, device) for h in hidden]
+            hidden = outputs if outputs is not None else [run_layer(layer, h, kwargs, device) for h in hidden]
         for module in layer.modules():
             module.__dict__.pop("dense_weight", None)  # float copies kept by quantizers for lrec
         layer.to(home)
@@ -117,6 +126,18 @@ def compress_model(model: PreTrainedModel, adapter: Adapter, passes: list[Pass],
                 records[name].append(record)
     bar.close()
     return dict(records)
+
+
+def out_of_memory(pass_name: str, index: int, linears: dict[str, nn.Module], device: torch.device
+                  ) -> CompressorError:
+    """The error for a pass that ran out of memory on a layer: what its statistics needed, what to do."""
+    widest = max((lin.in_features for lin in linears.values()), default=0)
+    hessian_mb = widest * widest * 4 / 2**20
+    return CompressorError(
+        f"pass {pass_name} ran out of memory on {device} in decoder layer {index} (its widest linear input is "
+        f"{widest}: a {widest} x {widest} float32 Hessian takes {hessian_mb:.0f} MB, and the pass holds one per "
+        "distinct input plus a working copy); nothing was written. Free memory or run on a device with more "
+        "(`device:` in the recipe), or leave the widest linears out of this pass with `ignore`.")
 
 
 def current_targets(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:

@@ -13,11 +13,13 @@ Writes eval/results/SUITE[-windowsN].json and .md after every job.
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -90,7 +92,37 @@ def compress_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "compressor.cli", *args]
 
 
+class LoadSampler:
+    """The machine's mean 1-minute load average while a job runs, sampled every `every` seconds: about the
+    job's own thread count when it ran alone, more when other work shared the cores."""
+
+    def __init__(self, every: float = 15.0):
+        self.every, self.samples, self.stop = every, [], threading.Event()
+
+    def __enter__(self) -> "LoadSampler":
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.stop.wait(self.every):
+            self.samples.append(os.getloadavg()[0])
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def mean(self) -> float | None:
+        return round(sum(self.samples) / len(self.samples), 2) if self.samples else None
+
+
 def run_job(model: str, method: str, passes: list | None, windows: int | None, work: Path) -> dict:
+    with LoadSampler() as load:
+        row = _run_job(model, method, passes, windows, work)
+    return {**row, "load_mean": load.mean()}
+
+
+def _run_job(model: str, method: str, passes: list | None, windows: int | None, work: Path) -> dict:
     row = {"model": model, "method": method}
     target = model
     if passes is not None:
@@ -127,10 +159,13 @@ def write(rows: list[dict], stem: Path, command: str, conditions: str = "") -> N
     lines = [f"# {stem.name}", "", f"Reproduce: `{command}` (each run adds the jobs not yet in the file)", "",
              f"Machine: {machine()}. Calibration where a method uses it: wikileads-calib-v1, "
              f"{CALIBRATION['samples']} x {CALIBRATION['seqlen']}, seed {CALIBRATION['seed']}. {conditions}", "",
+             "Load: the machine's mean 1-minute load average during the job (compress and eval), sampled every "
+             "15 s; a job alone reads about its thread count, more means other work shared the cores and the "
+             "wall times are inflated (- : not recorded).", "",
              "| model | method | PPL | x dense | protocol | L | windows | params | nonzero params | "
              "params without embeddings and head | weights on disk | "
-             "bits/weight (quantized linears) | compress wall | compress peak RSS | eval wall | eval peak RSS |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "bits/weight (quantized linears) | compress wall | compress peak RSS | eval wall | eval peak RSS | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     dense = {r["model"]: r["ppl"] for r in rows if r["method"] == "dense"}
     notes = list(dict.fromkeys(r["note"] for r in rows if r.get("note")))
     for r in rows:
@@ -142,7 +177,8 @@ def write(rows: list[dict], stem: Path, command: str, conditions: str = "") -> N
                      f"{_count(r.get('parameters_without_embeddings'))} | "
                      f"{r['bytes_on_disk'] / 1e6:.1f} MB | {_bits(r.get('linear_bits_per_weight'))} | "
                      f"{r.get('compress_wall_s', '-')} s | "
-                     f"{r.get('compress_peak_rss_mb', '-')} MB | {r['eval_wall_s']} s | {r['peak_rss_mb']} MB |")
+                     f"{r.get('compress_peak_rss_mb', '-')} MB | {r['eval_wall_s']} s | {r['peak_rss_mb']} MB | "
+                     f"{r.get('load_mean') or '-'} |")
     lines += [""] + [f"[{i}] {note}" for i, note in enumerate(notes, 1)]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 

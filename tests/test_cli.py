@@ -1,10 +1,12 @@
 import json
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 from conftest import recipe_dict
 
+import compressor.engine
 from compressor.cli import main
 
 
@@ -89,6 +91,22 @@ def test_bad_recipes_exit_2_with_one_clear_message_and_write_nothing(case, llama
     assert message in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory"),
+                                   RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate")])
+def test_running_out_of_memory_in_the_hessian_says_what_to_do_and_writes_nothing(error, llama_dir, corpus, tmp_path,
+                                                                                  monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(compressor.engine, "collect_stats", no_memory)
+    path = write_recipe(tmp_path, recipe_dict(llama_dir, corpus, [{"gptq": {"bits": 4}}], tmp_path / "out"))
+    result = invoke("run", path)
+    assert result.exit_code == 2, result.output
+    assert "pass gptq ran out of memory" in result.output and "decoder layer 0" in result.output
+    assert "128 x 128 float32 Hessian" in result.output and "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
 
 

@@ -35,6 +35,33 @@ def test_rotation_without_deleting_anything_keeps_the_logits(arch, slice_embeddi
     torch.testing.assert_close(logits(model), dense, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("slice_embeddings", [None, True])
+def test_the_outputs_slice_hands_the_engine_are_the_sliced_layers_outputs(slice_embeddings, llama_dir, corpus):
+    """Slice computes each layer's outputs in the new basis from its own forward pass, in place of the engine's
+    forward of the sliced layer; the two must agree."""
+    from compressor.engine import run_layer
+    from compressor.passes.slice import Slice
+
+    compared = []
+
+    def checked(self, model, adapter, index, layer, hidden, kwargs, device, names):
+        hidden, records, outputs = original(self, model, adapter, index, layer, hidden, kwargs, device, names)
+        if outputs is not None:
+            for h, out in zip(hidden, outputs, strict=True):
+                torch.testing.assert_close(out, run_layer(layer, h, kwargs, device), atol=1e-5, rtol=1e-4)
+            compared.append(index)
+        return hidden, records, outputs
+
+    original = Slice.apply_layer
+    passes = [{"slice": {"fraction": 0.25, "slice_embeddings": slice_embeddings}}]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Slice, "apply_layer", checked)
+        compressor.compress(recipe_dict(llama_dir, corpus, passes), progress=False)
+    n_layers = AutoModelForCausalLM.from_pretrained(llama_dir).config.num_hidden_layers
+    # the last layer's outputs are needed (and computed) only when the head is sliced too
+    assert compared == list(range(n_layers if slice_embeddings else n_layers - 1))
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_sliced_checkpoint_reloads_with_its_new_shapes(arch, corpus, tmp_path):
     folder, out = make_model_dir(tmp_path / arch, arch), tmp_path / "sliced"
@@ -107,18 +134,16 @@ def test_a_residual_stream_in_a_subspace_is_sliced_exactly(llama_dir, corpus, tm
         dense = model(input_ids=ids).logits
     recipe = recipe_dict(llama_dir, corpus, [{"slice": {"fraction": 0.25}}])
     recipe["calibration"]["samples"] = 16
-    from compressor.passes.slice import Slice
-
     sliced = compressor.compress(recipe, model=model, tokenizer=AutoTokenizer.from_pretrained(llama_dir),
                                  progress=False)
     with torch.no_grad():
         torch.testing.assert_close(sliced(input_ids=ids).logits, dense, atol=1e-4, rtol=1e-4)
 
-    def random_axes(self, *args, **kwargs):
+    def random_axes(*args, **kwargs):
         return torch.linalg.qr(torch.randn(64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))[0]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Slice, "principal_axes", random_axes)
+        mp.setattr(compressor.passes.slice, "principal_axes", random_axes)
         model = AutoModelForCausalLM.from_pretrained(folder)
         random = compressor.compress(recipe, model=model, tokenizer=AutoTokenizer.from_pretrained(llama_dir),
                                      progress=False)

@@ -78,9 +78,11 @@ class LayerPass(Pass):
     linear at a time. The engine calls `apply_layer` for every layer in order, then `finish` once."""
 
     def apply_layer(self, model, adapter, index: int, layer: nn.Module, hidden: list, kwargs: dict,
-                    device, names: list[str]) -> tuple[list, dict[str, dict]]:
+                    device, names: list[str]) -> tuple[list, dict[str, dict], list | None]:
         """Transform layer `index` (`names`: the linears the plan chose in it); return its cached calibration
-        inputs (changed if the pass changed what the layer receives) and a record per module changed or added."""
+        inputs (changed if the pass changed what the layer receives), a record per module changed or added,
+        and the transformed layer's outputs on those inputs when the pass computed them anyway (else None:
+        the engine runs the layer), which saves the engine a forward pass."""
         raise NotImplementedError
 
     def finish(self, model, adapter) -> dict[str, dict]:

@@ -40,7 +40,7 @@ class LRECRefine(LayerPass):
             raise ParamError("lr", f"got {self.lr}; use a positive learning rate, e.g. 1e-3")
 
     def apply_layer(self, model, adapter, index: int, layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict,
-                    device: torch.device, names: list[str]) -> tuple[list[torch.Tensor], dict[str, dict]]:
+                    device: torch.device, names: list[str]) -> tuple[list[torch.Tensor], dict[str, dict], None]:
         linears = {name: model.get_submodule(name) for name in names}
         for name, q in linears.items():
             if not getattr(q, "rank", 0) or getattr(q, "dense_weight", None) is None:
@@ -75,7 +75,7 @@ class LRECRefine(LayerPass):
         record = {"pass": self.name, "steps": self.steps, "lr": self.lr,
                   "relative_error_first": round(sum(losses[:window]) / window, 6),
                   "relative_error_last": round(sum(losses[-window:]) / window, 6)}
-        return hidden, {name: dict(record) for name in linears}
+        return hidden, {name: dict(record) for name in linears}, None
 
 
 def _dense_forward(q: QuantLinear):

@@ -26,6 +26,7 @@ the linears can reproduce, so such architectures are refused.
 """
 
 import types
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -107,8 +108,9 @@ class Slice(LayerPass):
 
     def apply_layer(self, model: PreTrainedModel, adapter: Adapter, index: int, layer: nn.Module,
                     hidden: list[torch.Tensor], kwargs: dict, device: torch.device, names: list[str],
-                    ) -> tuple[list[torch.Tensor], dict[str, dict]]:
-        """Slice decoder layer `index`; return its (possibly rotated) cached inputs and the records."""
+                    ) -> tuple[list[torch.Tensor], dict[str, dict], list[torch.Tensor] | None]:
+        """Slice decoder layer `index`; return its (possibly rotated) cached inputs, the records and the
+        sliced layer's outputs (None for the last layer when the head stays full width)."""
         prefix = f"{adapter.layers}.{index}"
         n_layers = len(adapter.decoder_layers(model))
         (attn_norm, attn_readers), (mlp_norm, mlp_readers) = adapter.attn_inputs, adapter.mlp_inputs
@@ -132,16 +134,21 @@ class Slice(LayerPass):
         self._set(layer.mlp_shortcut, eye)
         for name in attn_readers:
             self._rotate_reader(layer.get_submodule(name), P)
-        Q_mid = self.principal_axes(layer, hidden, kwargs, device, at=layer.get_submodule(mlp_norm))[:, :width]
+        Q_mid = principal_axes(residual_before(layer, layer.get_submodule(mlp_norm), hidden, kwargs, device),
+                               self.damp, device)[:, :width]
         self._set(layer.attn_shortcut, Q_mid if P is None else P.T @ Q_mid)
         self._rotate_writer(layer.get_submodule(attn_writer), Q_mid)
         for name in mlp_readers:
             self._rotate_reader(layer.get_submodule(name), Q_mid)
         self._set(layer.mlp_shortcut, Q_mid.T)  # the output back in the original basis, to find Q_out
         if index == n_layers - 1 and not self._slice_embeddings:
-            Q_out = eye  # a full-width head reads the last layer's output in the original basis
+            Q_out, outputs = eye, None  # a full-width head reads the last layer's output in the original basis
         else:
-            Q_out = self.principal_axes(layer, hidden, kwargs, device, at=None)[:, :width]
+            outputs = [layer_output(layer, h.to(device), kwargs).cpu() for h in hidden]  # [1, L, D] each
+            Q_out = principal_axes(outputs, self.damp, device)[:, :width]
+            # The sliced layer's output is this output in the basis Q_out: the next layer's inputs.
+            Q_out_cpu = Q_out.cpu()
+            outputs = [out @ Q_out_cpu.to(out.dtype) for out in outputs]
         self._set(layer.mlp_shortcut, Q_mid.T @ Q_out)
         self._rotate_writer(layer.get_submodule(mlp_writer), Q_out)
         for name in (*attn_readers, *mlp_readers, attn_writer, mlp_writer):
@@ -151,7 +158,7 @@ class Slice(LayerPass):
         records[prefix] = {"pass": self.name, "width": width, "full_width": full_width,
                            "runtime": {"class": "SlicedLayer", "adapter": adapter.name}}
         self._frame = Q_out
-        return hidden, records
+        return hidden, records, outputs
 
     @staticmethod
     def _set(rotation: Rotation, matrix: torch.Tensor) -> None:
@@ -201,7 +208,7 @@ class Slice(LayerPass):
         if self._untied:
             head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
             model.config.tie_word_embeddings = False
-        Q = self.principal_axes(None, hidden, {}, device, at=None)[:, :width]
+        Q = principal_axes(hidden, self.damp, device)[:, :width]
         self._frame = Q
         Q = Q.to(embeddings.weight.device)
         embeddings.weight = nn.Parameter((embeddings.weight.double() @ Q).to(embeddings.weight.dtype),
@@ -210,32 +217,46 @@ class Slice(LayerPass):
         records[adapter.embeddings] = {"pass": self.name, "width": width, "runtime": resize_config(embeddings)}
         return [(h.double() @ Q.cpu()).to(h.dtype) for h in hidden]
 
-    @torch.no_grad()
-    def principal_axes(self, layer: nn.Module | None, hidden: list[torch.Tensor], kwargs: dict,
-                       device: torch.device, at: nn.Module | None) -> torch.Tensor:
-        """Eigenvectors [D, D] (float64) of sum x^T x by decreasing eigenvalue, x the residual stream entering
-        module `at` (a pre-hook) or, with at=None, the layer's output (or its input when layer is None)."""
-        C = None
 
-        def accumulate(x: torch.Tensor) -> None:
-            nonlocal C
-            x = x.reshape(-1, x.shape[-1]).double()
-            if not torch.isfinite(x).all():
-                raise CompressorError("slice: non-finite calibration activations in the residual stream")
-            C = x.T @ x if C is None else C + x.T @ x
+class _Reached(Exception):
+    """Raised once the residual stream at the hooked module is seen: the rest of the layer is not needed."""
 
-        handle = at.register_forward_pre_hook(lambda module, args: accumulate(args[0])) if at is not None else None
-        try:
-            for h in hidden:
-                if layer is None:
-                    accumulate(h.to(device))
-                    continue
-                out = layer_output(layer, h.to(device), kwargs)
-                if at is None:
-                    accumulate(out)
-        finally:
-            if handle is not None:
-                handle.remove()
-        C.diagonal().add_(self.damp * C.diagonal().mean())
-        _, Q = torch.linalg.eigh(C)
-        return Q.flip(-1)
+
+@torch.no_grad()
+def residual_before(layer: nn.Module, module: nn.Module, hidden: list[torch.Tensor], kwargs: dict,
+                    device: torch.device) -> Iterator[torch.Tensor]:
+    """The residual stream entering `module` (a norm inside `layer`), one cached input at a time; the
+    layer runs only up to that module."""
+    seen = []
+
+    def stop(_module, args):
+        seen.append(args[0])
+        raise _Reached
+
+    handle = module.register_forward_pre_hook(stop)
+    try:
+        for h in hidden:
+            try:
+                layer_output(layer, h.to(device), kwargs)
+            except _Reached:
+                pass
+            if not seen:
+                raise CompressorError(f"slice: the layer never ran its {type(module).__name__}; the adapter needs work")
+            yield seen.pop()
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def principal_axes(xs: Iterable[torch.Tensor], damp: float, device: torch.device) -> torch.Tensor:
+    """Eigenvectors [D, D] (float64) of C = sum over xs of x^T x (x [..., D], flattened to rows) by
+    decreasing eigenvalue, with damp * mean(diag C) added to C's diagonal."""
+    C = 0
+    for x in xs:
+        x = x.to(device).reshape(-1, x.shape[-1]).double()
+        if not torch.isfinite(x).all():
+            raise CompressorError("slice: non-finite calibration activations in the residual stream")
+        C = C + x.T @ x
+    C.diagonal().add_(damp * C.diagonal().mean())
+    _, Q = torch.linalg.eigh(C)
+    return Q.flip(-1)
