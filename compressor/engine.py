@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 from compressor.errors import CompressorError
 from compressor.models import Adapter
 from compressor.passes import Pass
-from compressor.passes.base import LayerPass, layer_output, matches, to_device
+from compressor.passes.base import LayerPass, layer_output, matches
 
 
 class _Stop(Exception):
@@ -85,14 +85,11 @@ def compress_model(model: PreTrainedModel, adapter: Adapter, passes: list[Pass],
     records: dict[str, list[dict]] = defaultdict(list)
     if needs_data:
         hidden, layer_kwargs = capture_layer_inputs(model, adapter, windows)
-        for p in passes:
-            if isinstance(p, LayerPass):
-                hidden = p.start(model, adapter, hidden, layer_kwargs, device)
     bar = tqdm(total=len(layers) * len(passes), disable=not progress, unit="step")
     for i, layer in enumerate(layers):
         home = next(layer.parameters()).device
         layer.to(device)
-        kwargs = to_device(layer_kwargs[i], device) if needs_data else {}
+        kwargs = _to(layer_kwargs[i], device) if needs_data else {}
         outputs = None  # the compressed layer's outputs, when the last pass to change it computed them
         for p, per_layer in zip(passes, targets, strict=True):
             start = time.perf_counter()
@@ -172,7 +169,7 @@ def capture_layer_inputs(model: PreTrainedModel, adapter: Adapter, windows: torc
             if i == 0:
                 hidden.append(hidden_states.detach().cpu())
             if not layer_kwargs[i]:
-                layer_kwargs[i] = to_device({k: v for k, v in kwargs.items() if k != "past_key_values"}, "cpu")
+                layer_kwargs[i] = _to({k: v for k, v in kwargs.items() if k != "past_key_values"}, "cpu")
             if i == len(layers) - 1:
                 raise _Stop
             return hidden_states
@@ -240,3 +237,14 @@ def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[
         for handle in handles:
             handle.remove()
     return sums
+
+
+def _to(value: Any, device: torch.device | str) -> Any:
+    """Move the tensors inside nested tuples/lists/dicts to `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    return value

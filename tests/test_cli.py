@@ -64,7 +64,6 @@ BAD_RECIPES = {
     "lrec rank 0": ({"passes": [{"rtn": {"bits": 2}}, {"lrec": {"rank": 0}}]}, "passes[1].lrec.rank"),
     "slice fraction 0": ({"passes": [{"slice": {"fraction": 0}}]}, "passes[0].slice.fraction: got 0"),
     "slice fraction 1": ({"passes": [{"slice": {"fraction": 1.0}}]}, "allowed: a number in (0, 1)"),
-    "slice allocation": ({"passes": [{"slice": {"allocation": "greedy"}}]}, "allowed: uniform, spectrum"),
     "slice with targets": ({"passes": [{"slice": {"targets": ["re:.*mlp.*"]}}]}, "takes no targets"),
     "slice after quantization": ({"passes": [{"rtn": {"bits": 4}}, {"slice": {}}]},
                                  "slice cannot run on model.layers.0.self_attn.q_proj: it was made quantized"),

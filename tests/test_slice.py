@@ -8,7 +8,7 @@ import compressor
 from compressor.cli import main
 from compressor.errors import CompressorError
 from compressor.nn import QuantLinear, RMSNormOverWidth
-from compressor.passes.slice import allocate_widths, sliced_width
+from compressor.passes.slice import sliced_width
 
 IDS = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
 
@@ -96,28 +96,6 @@ def test_layer_fractions_set_each_layers_width(llama_dir, corpus, tmp_path):
     result = CliRunner().invoke(main, ["info", str(out)])
     assert "residual stream width per decoder layer: layer 0 64, layer 1 32, layer 2 48" in result.output, \
         result.output
-
-
-def test_allocate_widths_gives_the_width_where_the_variance_is_spread():
-    flat, steep = torch.ones(32), torch.tensor([100.0] * 8 + [1.0] * 24)
-    spectra = [(flat, flat), (steep, steep), (steep, flat)]
-    widths = allocate_widths(spectra, budget=64, fixed={})
-    # the steep layer keeps 97% of its variance at width 8; the flat one needs all 32
-    assert widths == [32, 8, 24]
-    assert allocate_widths(spectra, budget=48, fixed={0: 32})[0] == 32
-    with pytest.raises(CompressorError, match="no width to share out"):
-        allocate_widths(spectra, budget=48, fixed={0: 32, 1: 32})
-
-
-def test_spectrum_allocation_keeps_the_total_width_and_reloads(llama_dir, corpus, tmp_path):
-    out = tmp_path / "ckpt"
-    passes = [{"slice": {"fraction": 0.25, "allocation": "spectrum"}}]
-    model = compressor.compress(recipe_dict(llama_dir, corpus, passes, out), progress=False)
-    widths = [layer.mlp.gate_proj.in_features for layer in model.model.layers]
-    assert sum(widths) == 3 * 48 and all(w % 8 == 0 and 8 <= w <= 64 for w in widths)
-    records = model.compression_config["modules"]
-    assert [records[f"model.layers.{i}"][-1]["width"] for i in range(3)] == widths
-    torch.testing.assert_close(logits(compressor.load(out)), logits(model), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("layer_fractions, match", [({3: 0.1}, "model has 3 decoder layers"),

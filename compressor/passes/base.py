@@ -4,21 +4,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
 from compressor.errors import CompressorError
-
-
-def to_device(value: Any, device) -> Any:
-    """Move the tensors inside nested tuples/lists/dicts to `device`."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(to_device(v, device) for v in value)
-    return value
 
 
 def layer_output(layer: nn.Module, hidden, kwargs: dict):
@@ -87,12 +75,7 @@ class Pass:
 
 class LayerPass(Pass):
     """A pass that transforms a whole decoder layer and the model around it (slicing), rather than one
-    linear at a time. The engine calls `start` once, `apply_layer` for every layer in order, then `finish`."""
-
-    def start(self, model, adapter, hidden: list, layer_kwargs: list[dict], device) -> list:
-        """Before layer 0, with the cached layer-0 inputs and every layer's keyword arguments (on the CPU);
-        return the layer-0 inputs (changed if the pass changed what layer 0 receives)."""
-        return hidden
+    linear at a time. The engine calls `apply_layer` for every layer in order, then `finish` once."""
 
     def apply_layer(self, model, adapter, index: int, layer: nn.Module, hidden: list, kwargs: dict,
                     device, names: list[str]) -> tuple[list, dict[str, dict], list | None]:

@@ -38,7 +38,7 @@ from compressor.errors import CompressorError
 from compressor.models import Adapter
 from compressor.nn import RMSNormOverWidth, Rotation
 from compressor.nn.sliced import resize_config
-from compressor.passes.base import LayerPass, ParamError, layer_output, to_device
+from compressor.passes.base import LayerPass, ParamError, layer_output
 
 
 def sliced_width(width: int, fraction: float) -> int:
@@ -73,9 +73,6 @@ class Slice(LayerPass):
     slice_embeddings: bool | None = None
     damp: float = 0.0  # added to C's diagonal, as a fraction of its mean, before the eigendecomposition
     layer_fractions: dict = field(default_factory=dict)  # {decoder layer index: fraction}, overriding `fraction`
-    # "uniform": every layer not in layer_fractions at `fraction`; "spectrum": the same total width, shared out
-    # by the dense model's residual-stream spectra (`allocate_widths`)
-    allocation: str = "uniform"
 
     def validate(self) -> None:
         if not 0 < self.fraction < 1:
@@ -83,8 +80,6 @@ class Slice(LayerPass):
         if self.targets != ["Linear"] or self.ignore:
             raise ParamError("targets", "slice rotates every reader and writer of the residual stream; "
                                         "it takes no targets or ignore")
-        if self.allocation not in ("uniform", "spectrum"):
-            raise ParamError("allocation", f"got {self.allocation!r}; allowed: uniform, spectrum")
         if self.damp < 0:
             raise ParamError("damp", f"got {self.damp}; allowed: a number >= 0")
         try:
@@ -120,13 +115,15 @@ class Slice(LayerPass):
         n_layers = len(adapter.decoder_layers(model))
         (attn_norm, attn_readers), (mlp_norm, mlp_readers) = adapter.attn_inputs, adapter.mlp_inputs
         attn_writer, mlp_writer = adapter.attn_output[0], adapter.mlp_output[0]
-        records = self._start_records if index == 0 else {}
+        records = {}
         for norm_name, reader_names in [(attn_norm, attn_readers), (mlp_norm, mlp_readers)]:
             norm = fold_norm(layer.get_submodule(norm_name), [layer.get_submodule(n) for n in reader_names])
             layer.set_submodule(norm_name, norm)
             records[f"{prefix}.{norm_name}"] = {"pass": self.name, "runtime": norm.runtime_config()}
         full_width = layer.get_submodule(mlp_norm).full_width
-        width = self._widths[index]
+        width = sliced_width(full_width, self.layer_fractions.get(index, self.fraction))
+        if index == 0:
+            hidden = self._start(model, adapter, hidden, width, device, records)
         P = self._frame  # [D, k_in], or None: the input arrives in the original basis
         eye = torch.eye(full_width, dtype=torch.float64, device=device)
         # Run as the dense layer (identity shortcuts, writers in the original basis) to find Q_mid.
@@ -197,24 +194,10 @@ class Slice(LayerPass):
                 adapter.head: {"pass": self.name, "width": head.in_features, "untied": self._untied,
                                "runtime": resize_config(head)}}
 
-    def start(self, model: PreTrainedModel, adapter: Adapter, hidden: list[torch.Tensor], layer_kwargs: list[dict],
-              device: torch.device) -> list[torch.Tensor]:
-        """Before layer 0: choose every layer's width; keep the embeddings, or rotate and slice them (untying
-        a tied head) and the cached layer-0 inputs with them."""
-        layers = adapter.decoder_layers(model)
-        full_width = model.get_submodule(adapter.embeddings).weight.shape[1]
-        fixed = {i: sliced_width(full_width, f) for i, f in self.layer_fractions.items()}
-        if self.allocation == "spectrum":
-            budget = len(layers) * sliced_width(full_width, self.fraction)
-            spectra = residual_spectra(layers, adapter.mlp_inputs[0], hidden, layer_kwargs, device)
-            self._widths = allocate_widths(spectra, budget, fixed)
-        else:
-            self._widths = [fixed.get(i, sliced_width(full_width, self.fraction)) for i in range(len(layers))]
-        self._start_records = {}
-        return self._start(model, adapter, hidden, self._widths[0], device, self._start_records)
-
     def _start(self, model: PreTrainedModel, adapter: Adapter, hidden: list[torch.Tensor], width: int,
                device: torch.device, records: dict) -> list[torch.Tensor]:
+        """Before layer 0: keep the embeddings, or rotate and slice them (untying a tied head) and the
+        cached layer-0 inputs with them."""
         self._frame = None
         embeddings, head = model.get_submodule(adapter.embeddings), model.get_submodule(adapter.head)
         tied = head.weight is embeddings.weight
@@ -265,70 +248,15 @@ def residual_before(layer: nn.Module, module: nn.Module, hidden: list[torch.Tens
 
 
 @torch.no_grad()
-def covariance(xs: Iterable[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """C = sum over xs of x^T x [D, D], float64 (x [..., D], flattened to rows)."""
+def principal_axes(xs: Iterable[torch.Tensor], damp: float, device: torch.device) -> torch.Tensor:
+    """Eigenvectors [D, D] (float64) of C = sum over xs of x^T x (x [..., D], flattened to rows) by
+    decreasing eigenvalue, with damp * mean(diag C) added to C's diagonal."""
     C = 0
     for x in xs:
         x = x.to(device).reshape(-1, x.shape[-1]).double()
         if not torch.isfinite(x).all():
             raise CompressorError("slice: non-finite calibration activations in the residual stream")
         C = C + x.T @ x
-    return C
-
-
-@torch.no_grad()
-def principal_axes(xs: Iterable[torch.Tensor], damp: float, device: torch.device) -> torch.Tensor:
-    """Eigenvectors [D, D] (float64) of C = sum over xs of x^T x (x [..., D], flattened to rows) by
-    decreasing eigenvalue, with damp * mean(diag C) added to C's diagonal."""
-    C = covariance(xs, device)
     C.diagonal().add_(damp * C.diagonal().mean())
     _, Q = torch.linalg.eigh(C)
     return Q.flip(-1)
-
-
-@torch.no_grad()
-def residual_spectra(layers: list[nn.Module], mlp_norm: str, hidden: list[torch.Tensor], layer_kwargs: list[dict],
-                     device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """For each (still dense) decoder layer, the eigenvalues, in decreasing order, of sum x^T x at its two
-    slicing points: the residual stream entering its MLP norm and its output. Runs the model once."""
-    spectra = []
-    for layer, kwargs in zip(layers, layer_kwargs, strict=True):
-        home = next(layer.parameters()).device
-        layer.to(device)
-        kwargs = to_device(kwargs, device)
-        mid = covariance(residual_before(layer, layer.get_submodule(mlp_norm), hidden, kwargs, device), device)
-        hidden = [layer_output(layer, h.to(device), kwargs).cpu() for h in hidden]
-        out = covariance(hidden, device)
-        spectra.append(tuple(torch.linalg.eigvalsh(C).flip(-1).clamp(min=0).cpu() for C in (mid, out)))
-        layer.to(home)
-    return spectra
-
-
-def allocate_widths(spectra: list[tuple[torch.Tensor, ...]], budget: int, fixed: dict[int, int],
-                    step: int = 8) -> list[int]:
-    """Widths per layer (multiples of `step`) that sum to `budget` and keep the most variance: layer i at
-    width k keeps score_i(k) = the mean over its slicing points of (sum of the k largest eigenvalues /
-    their total). Layers in `fixed` {index: width} keep their width. Each score is concave in k, so
-    handing out `step` dimensions at a time to the layer that gains most is optimal."""
-    full = len(spectra[0][0])
-    kept = [torch.stack([torch.cumsum(e.double(), 0) / e.double().sum() for e in points]).mean(0)
-            for points in spectra]  # kept[i][k - 1] = score_i(k)
-
-    def score(i: int, k: int) -> float:
-        return kept[i][k - 1].item() if k > 0 else 0.0
-
-    widths = [fixed.get(i, step) for i in range(len(spectra))]
-    free = [i for i in range(len(spectra)) if i not in fixed]
-    left = budget - sum(widths)
-    if not free or left < 0:
-        raise CompressorError(f"slice: layer_fractions leave no width to share out: {budget} in all, "
-                              f"{sum(fixed.values())} fixed in layers {sorted(fixed)}; raise fraction's budget or "
-                              "fix fewer layers")
-    while left >= step:
-        growable = [i for i in free if widths[i] + step <= full]
-        if not growable:
-            break
-        best = max(growable, key=lambda i: score(i, widths[i] + step) - score(i, widths[i]))
-        widths[best] += step
-        left -= step
-    return widths
