@@ -101,7 +101,8 @@ def compress_model(model: PreTrainedModel, adapter: Adapter, passes: list[Pass],
                 outputs = None
                 linears = current_targets(model, per_layer[i])
                 try:
-                    stats = collect_stats(layer, linears, hidden, kwargs, p.stats, device) if p.stats else {}
+                    stats = collect_stats(layer, linears, hidden, kwargs, p.stats, device,
+                                          getattr(p, "sink_weight", 1.0)) if p.stats else {}
                     for name, linear in linears.items():
                         module, record = p.apply(name, linear, stats.pop(name, None))
                         if module is not linear:
@@ -197,9 +198,10 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, device: torc
 
 @torch.no_grad()
 def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[torch.Tensor], kwargs: dict,
-                  kind: str, device: torch.device) -> dict[str, Any]:
+                  kind: str, device: torch.device, sink_weight: float = 1.0) -> dict[str, Any]:
     """Run the layer on every cached input with hooks on `linears`; return one statistic per linear:
-    "input_sq_norms": sum_t x_t^2, [in] float64; "hessian": sum_t x_t x_t^T, [in, in] float32."""
+    "input_sq_norms": sum_t x_t^2, [in] float64; "hessian": sum_t x_t x_t^T, [in, in] float32.
+    The first position of every window (the attention sink) counts `sink_weight` times in the sums."""
     if kind not in ("input_sq_norms", "hessian"):
         raise ValueError(f"unknown statistic {kind!r}")
     sums = {}
@@ -215,9 +217,12 @@ def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[
     def hook(name: str):
         def accumulate(module, inputs, output):
             if id(inputs[0]) not in shared:
-                x = inputs[0].reshape(-1, inputs[0].shape[-1])  # [tokens, in]
+                x = inputs[0]  # [windows, L, in]
                 if not torch.isfinite(x).all():
                     raise CompressorError(f"non-finite calibration activations entering {name}")
+                if sink_weight != 1.0:
+                    x = torch.cat([x[:, :1] * sink_weight ** 0.5, x[:, 1:]], dim=1)
+                x = x.reshape(-1, x.shape[-1])  # [tokens, in]
                 if kind == "input_sq_norms":
                     x = x.to(torch.float64)
                     stat = (x * x).sum(dim=0)

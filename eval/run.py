@@ -46,6 +46,9 @@ SUITES = {
         "GPTQ W3 g64": [{"gptq": {"bits": 3, "group_size": 64}}],
         "GPTQ W2 g64": [{"gptq": {"bits": 2, "group_size": 64}}],
         "GPTQ W2 g64 + LREC r32": [{"gptq": {"bits": 2, "group_size": 64}}, {"lrec": {"rank": 32}}],
+        # measured before sink_weight's default became 64 (eval/results/gptq-sink-weight.md)
+        "GPTQ W4 g64, sink weight 1": [{"gptq": {"bits": 4, "group_size": 64, "act_order": False, "sink_weight": 1}}],
+        "GPTQ W4 g64 act-order, sink weight 1": [{"gptq": {"bits": 4, "group_size": 64, "sink_weight": 1}}],
     },
     # Issue 3's grid; GROUP stands for the model's group size (GROUP_SIZE below).
     "quantization-grid": {"dense": None} | {
@@ -56,6 +59,9 @@ SUITES = {
             {"gptq": {"bits": bits, "group_size": GROUP}}, {"lrec": {"rank": rank}}]
         + ([{"lrec_refine": {"steps": 100}}] if refine else [])
         for bits in (2, 3) for rank in (8, 16, 32, 64) for refine in (False, True)
+    } | {  # measured before sink_weight's default became 64 (eval/results/gptq-sink-weight.md)
+        f"GPTQ W{bits}, sink weight 1": [{"gptq": {"bits": bits, "group_size": GROUP, "sink_weight": 1}}]
+        for bits in (3, 2)
     },
     "pruning": {"dense": None} | {
         f"{method} {label}": [{method: setting}]

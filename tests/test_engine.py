@@ -104,3 +104,24 @@ def test_pass_needing_data_without_windows_fails(llama_dir):
     loaded = load_model(str(llama_dir))
     with pytest.raises(CompressorError, match="calibration"):
         compress_model(loaded.model, loaded.adapter, [Spy(seen={})], None, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("kind", ["hessian", "input_sq_norms"])
+def test_sink_weight_counts_the_first_token_of_every_window_that_many_times(kind, llama_dir):
+    """collect_stats against sums written out by hand over the inputs the layer's linears actually see."""
+    from compressor.engine import capture_layer_inputs, collect_stats
+
+    loaded = load_model(str(llama_dir))
+    hidden, layer_kwargs = capture_layer_inputs(loaded.model, loaded.adapter, windows(n=2))
+    layer = loaded.model.model.layers[0]
+    linear = layer.mlp.down_proj
+    seen = []
+    handle = linear.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0][0].double()))
+    stats = collect_stats(layer, {"down": linear}, hidden, layer_kwargs[0], kind, torch.device("cpu"), 9.0)["down"]
+    handle.remove()
+    weights = torch.ones(32, 1, dtype=torch.float64)
+    weights[0] = 9.0
+    expected = sum(x.T @ (weights * x) if kind == "hessian" else (weights * x * x).sum(0) for x in seen)
+    torch.testing.assert_close(stats.double(), expected, rtol=1e-5, atol=1e-5)
+    plain = collect_stats(layer, {"down": linear}, hidden, layer_kwargs[0], kind, torch.device("cpu"))["down"]
+    assert not torch.allclose(plain.double(), expected, rtol=1e-3)
