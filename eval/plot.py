@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def family(method: str) -> str:
     """'GPTQ W2 + LREC r16 refined' -> 'GPTQ + LREC refined': the method without bits, group and rank."""
-    return re.sub(r"\s+", " ", re.sub(r"\bW\d+\b|\bg\d+\b|\br\d+\b", "", method)).strip()
+    name = re.sub(r"\s+", " ", re.sub(r"\bW\d+\b|\bg\d+\b|\br\d+\b", "", method)).strip()
+    return name.replace(" ,", ",")  # 'GPTQ W3, sink weight 1' -> 'GPTQ, sink weight 1'
 
 
 def main() -> None:
