@@ -46,9 +46,10 @@ SUITES = {
         "GPTQ W3 g64": [{"gptq": {"bits": 3, "group_size": 64}}],
         "GPTQ W2 g64": [{"gptq": {"bits": 2, "group_size": 64}}],
         "GPTQ W2 g64 + LREC r32": [{"gptq": {"bits": 2, "group_size": 64}}, {"lrec": {"rank": 32}}],
-        # measured before sink_weight's default became 64 (eval/results/gptq-sink-weight.md)
+        # GPTQ's sink_weight set explicitly (eval/results/gptq-sink-weight.md)
         "GPTQ W4 g64, sink weight 1": [{"gptq": {"bits": 4, "group_size": 64, "act_order": False, "sink_weight": 1}}],
         "GPTQ W4 g64 act-order, sink weight 1": [{"gptq": {"bits": 4, "group_size": 64, "sink_weight": 1}}],
+        "GPTQ W4 g64 act-order, sink weight 64": [{"gptq": {"bits": 4, "group_size": 64, "sink_weight": 64}}],
     },
     # Issue 3's grid; GROUP stands for the model's group size (GROUP_SIZE below).
     "quantization-grid": {"dense": None} | {

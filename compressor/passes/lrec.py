@@ -4,8 +4,9 @@ With E = W - Wq [out, in], the factors are the truncated SVD of E^T in the basis
 calibration inputs (EoRA / QERA; see compressor/passes/svd.py), which minimises the linear's output
 error ||X (E^T - A B)||_F. `whiten: false` takes the plain SVD of E^T instead (ZeroQuant-V2's LoRC).
 The quantized weights stay as they are; the factors are stored in float16 and counted in bits per weight.
-As in GPTQ, the first token of each calibration window counts `sink_weight` times in the Hessian
-(SmolLM2, GPTQ W2 g64 + LREC r16, 8 x 2048 calibration, windows=4: weight 1 2158, 64 1725).
+As in GPTQ, the first token of each calibration window can count `sink_weight` times in the Hessian
+(SmolLM2, GPTQ W2 g64 + LREC r16, 8 x 2048 calibration, windows=4: weight 1 2158, 64 1725; one
+measurement, so the default stays 1).
 """
 
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ class LREC(Pass):
     rank: int = 32
     whiten: bool = True
     damp: float = 0.01
-    sink_weight: float = 64.0  # as GPTQ's: the first token of each window counts this many times
+    sink_weight: float = 1.0  # as GPTQ's: the first token of each window counts this many times
 
     def validate(self) -> None:
         if self.rank <= 0:

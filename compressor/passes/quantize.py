@@ -92,7 +92,7 @@ def check_sink_weight(sink_weight: float) -> None:
     """`sink_weight`: how many times the first token of each calibration window counts (GPTQ, LREC)."""
     if not sink_weight > 0:
         raise ParamError("sink_weight", f"got {sink_weight}; use a positive weight for the first token "
-                                        "of each calibration window (1: no extra weight; default 64)")
+                                        "of each calibration window (default 1: no extra weight)")
 
 
 def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -218,10 +218,10 @@ class GPTQ(_Quantize):
     W4 g64, windows=8, sink weight 1, it gave 17.16 against 19.96 without act-order and 18.87 for RTN).
 
     `sink_weight`: the first token of every calibration window counts this many times in the Hessian.
-    Every later token attends to that token (the attention sink), so errors in its keys and values
-    reach the whole window, yet with weight 1 it is one row in 2048 and GPTQ moves error onto it
-    (on SmolLM2 its q/k/v output error came out up to 2.5x RTN's). SmolLM2, W4 g64 act-order,
-    8 x 2048 calibration, windows=4 (dense 12.913): weight 1 17.529, 64 15.153 (eval/results/gptq-sink-weight.md)."""
+    Every later token attends to that token (the attention sink), yet with weight 1 it is one row in
+    2048 and GPTQ moves error onto it (on SmolLM2 its q/k/v output error came out up to 2.5x RTN's).
+    On SmolLM2 (g64 act-order, full split) weight 64 took W4 from 17.981 to 15.476 but W3 from 39.820
+    to 63.989, so the default stays 1 and the W4 recipe sets 64 (eval/results/gptq-sink-weight.md)."""
 
     name: ClassVar[str] = "gptq"
     stats: ClassVar[str | None] = "hessian"
@@ -229,7 +229,7 @@ class GPTQ(_Quantize):
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = True
-    sink_weight: float = 64.0
+    sink_weight: float = 1.0
 
     def validate(self) -> None:
         super().validate()
