@@ -30,7 +30,8 @@ SHRINKS = [1.0 - 0.05 * i for i in range(11)]
 def grid(w: torch.Tensor, bits: int, symmetric: bool, clip_search: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point [out] for the columns w [out, n] of one group. With `clip_search`, each row's
     range is shrunk by the factor in SHRINKS that gives the least squared error of the rounded weights
-    (the weights beyond the shrunk range are clipped): GPTQ's `mse` option, llm-compressor's MSE observer."""
+    (the weights beyond the shrunk range are clipped): GPTQ's `mse` option, llm-compressor's MSE observer.
+    Measured once so far: SmolLM2 GPTQ W2 g64, windows=4, 99868 -> 29722 (eval/results/w2-lrec-windows4.md)."""
     scale, zero = shrunk_grid(w, bits, symmetric, 1.0)
     if not clip_search:
         return scale, zero
