@@ -63,6 +63,9 @@ SUITES = {
     } | {  # GPTQ's sink_weight set explicitly (eval/results/gptq-sink-weight.md)
         f"GPTQ W{bits}, sink weight {weight}": [{"gptq": {"bits": bits, "group_size": GROUP, "sink_weight": weight}}]
         for bits in (3, 2) for weight in (1, 64)
+    } | {
+        f"GPTQ W{bits}, clip search": [{"gptq": {"bits": bits, "group_size": GROUP, "clip_search": True}}]
+        for bits in (3, 2)
     },
     "pruning": {"dense": None} | {
         f"{method} {label}": [{method: setting}]
