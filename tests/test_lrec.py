@@ -37,6 +37,30 @@ def test_lrec_needs_a_quantized_linear_and_a_sane_rank(llama_dir, corpus):
                             progress=False)
 
 
+def test_extra_bits_budget_sets_each_linears_rank(llama_dir, corpus):
+    passes = [{"rtn": {"bits": 2, "group_size": 32}}, {"lrec": {"extra_bits": 1.0}}]
+    model = compressor.compress(recipe_dict(llama_dir, corpus, passes), progress=False)
+    modules = model.compression_config["modules"]
+    # one rank costs 16 (in + out) / (in out) bits per weight: 0.5 for q [64 -> 64], 0.75 for k [64 -> 32],
+    # 0.375 for up [64 -> 128]; the budget buys floor(1.0 / that)
+    ranks = {name: modules[f"model.layers.0.{name}"][1]["rank"] for name in ("self_attn.q_proj", "self_attn.k_proj",
+                                                                            "mlp.up_proj", "mlp.down_proj")}
+    assert ranks == {"self_attn.q_proj": 2, "self_attn.k_proj": 1, "mlp.up_proj": 2, "mlp.down_proj": 2}
+    for records in modules.values():
+        added = records[1]["bits_per_weight"] - records[0]["bits_per_weight"]
+        assert 0 < added <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("lrec, message", [
+    ({"rank": 4, "extra_bits": 1.0}, "give rank or extra_bits, not both"),
+    ({"extra_bits": 0.2}, "extra_bits 0.2 buys no rank for model.layers.0.self_attn.q_proj: one rank costs 0.500"),
+])
+def test_lrec_budget_errors(llama_dir, corpus, lrec, message):
+    with pytest.raises(CompressorError, match=message):
+        compressor.compress(recipe_dict(llama_dir, corpus, [{"rtn": {"bits": 2, "group_size": 32}}, {"lrec": lrec}]),
+                            progress=False)
+
+
 def test_refinement_lowers_the_layer_output_error_and_round_trips(llama_dir, corpus, tmp_path):
     out = tmp_path / "ckpt"
     passes = [{"gptq": {"bits": 2, "group_size": 32}}, {"lrec": {"rank": 8}}, {"lrec_refine": {"steps": 40}}]

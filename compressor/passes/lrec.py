@@ -4,6 +4,10 @@ With E = W - Wq [out, in], the factors are the truncated SVD of E^T in the basis
 calibration inputs (EoRA / QERA; see compressor/passes/svd.py), which minimises the linear's output
 error ||X (E^T - A B)||_F. `whiten: false` takes the plain SVD of E^T instead (ZeroQuant-V2's LoRC).
 The quantized weights stay as they are; the factors are stored in float16 and counted in bits per weight.
+The rank comes from exactly one of `rank` (the same for every targeted linear) or `extra_bits` (a budget:
+the factors add at most this many bits per weight to each linear, rank = floor(extra_bits * in * out /
+(16 * (in + out))), so wide MLP linears get higher ranks than narrow k/v projections). For ranks that
+differ by module, use several lrec passes with different `targets`.
 As in GPTQ, the first token of each calibration window can count `sink_weight` times in the Hessian
 (SmolLM2, GPTQ W2 g64 + LREC r16, 8 x 2048 calibration, windows=4: weight 1 2158, 64 1725; one
 measurement, so the default stays 1).
@@ -20,6 +24,14 @@ from compressor.passes.base import ParamError, Pass
 from compressor.passes.quantize import check_damp, check_sink_weight
 from compressor.passes.svd import split_factors, whitened_svd
 
+DEFAULT_RANK = 32
+FACTOR_BITS = 16  # the factors are stored in the scales' dtype, float16 or bfloat16
+
+
+def rank_bits(in_features: int, out_features: int) -> float:
+    """Bits per weight of one rank of factors: a column of A [in] and a row of B [out] in FACTOR_BITS."""
+    return FACTOR_BITS * (in_features + out_features) / (in_features * out_features)
+
 
 @dataclass
 class LREC(Pass):
@@ -30,21 +42,37 @@ class LREC(Pass):
     accepts: ClassVar[tuple[str, ...]] = ("quantized",)
     produces: ClassVar[str] = "quantized"
 
-    rank: int = 32
+    rank: int | None = None  # DEFAULT_RANK when extra_bits is not given either
+    extra_bits: float | None = None
     whiten: bool = True
     damp: float = 0.01
     sink_weight: float = 1.0  # as GPTQ's: the first token of each window counts this many times
 
     def validate(self) -> None:
-        if self.rank <= 0:
+        if self.rank is not None and self.extra_bits is not None:
+            raise ParamError("rank", "give rank or extra_bits, not both")
+        if self.rank is not None and self.rank <= 0:
             raise ParamError("rank", f"got {self.rank}; use a positive integer such as 16 or 32")
+        if self.extra_bits is not None and not self.extra_bits > 0:
+            raise ParamError("extra_bits", f"got {self.extra_bits}; use a positive number of bits per "
+                                           "weight, e.g. 1.0 (W2 g64 + 1.0 costs as many bits as W3 g64)")
         check_damp(self.damp)
         check_sink_weight(self.sink_weight)
 
+    def rank_for(self, in_features: int, out_features: int) -> int:
+        if self.extra_bits is None:
+            return self.rank or DEFAULT_RANK
+        return int(self.extra_bits / rank_bits(in_features, out_features))
+
     def check_module(self, name: str, linear) -> None:
-        if self.rank > min(linear.in_features, linear.out_features):
-            raise CompressorError(f"lrec: rank {self.rank} is larger than {name} allows "
-                                  f"(min(in, out) = {min(linear.in_features, linear.out_features)})")
+        rank, most = self.rank_for(linear.in_features, linear.out_features), min(linear.in_features,
+                                                                                  linear.out_features)
+        if rank > most:
+            raise CompressorError(f"lrec: rank {rank} is larger than {name} allows (min(in, out) = {most})"
+                                  + ("; lower extra_bits" if self.rank is None else ""))
+        if rank == 0:
+            raise CompressorError(f"lrec: extra_bits {self.extra_bits} buys no rank for {name}: one rank costs "
+                                  f"{rank_bits(linear.in_features, linear.out_features):.3f} bits per weight there")
 
     @torch.no_grad()
     def apply(self, name: str, q: QuantLinear, hessian: torch.Tensor) -> tuple[QuantLinear, dict]:
@@ -53,7 +81,8 @@ class LREC(Pass):
             raise CompressorError(f"lrec: {name} has no float weight to correct; put lrec right after the "
                                   "quantization pass in the same recipe")
         error = dense - q.weight_dequantized(torch.float32)  # [out, in]
-        A, B = split_factors(*whitened_svd(error.T, hessian if self.whiten else None, self.damp), self.rank)
+        rank = self.rank_for(q.in_features, q.out_features)
+        A, B = split_factors(*whitened_svd(error.T, hessian if self.whiten else None, self.damp), rank)
         q.set_low_rank(A, B)
         H = hessian.double()
 
@@ -63,6 +92,6 @@ class LREC(Pass):
 
         residual = error - (q.lora_a.float() @ q.lora_b.float()).T
         before, after = output_error(error), output_error(residual)
-        return q, {"pass": self.name, "rank": self.rank, "whiten": self.whiten, "weights": error.numel(),
+        return q, {"pass": self.name, "rank": rank, "whiten": self.whiten, "weights": error.numel(),
                    "bits_per_weight": round(q.bits_per_weight(), 4),
                    "output_error_kept": after / before if before else 0.0, "runtime": q.runtime_config()}
