@@ -46,10 +46,16 @@ SUITES = {
         "GPTQ W3 g64": [{"gptq": {"bits": 3, "group_size": 64}}],
         "GPTQ W2 g64": [{"gptq": {"bits": 2, "group_size": 64}}],
         "GPTQ W2 g64 + LREC r32": [{"gptq": {"bits": 2, "group_size": 64}}, {"lrec": {"rank": 32}}],
-        # GPTQ's sink_weight set explicitly (eval/results/gptq-sink-weight.md)
-        "GPTQ W4 g64, sink weight 1": [{"gptq": {"bits": 4, "group_size": 64, "act_order": False, "sink_weight": 1}}],
-        "GPTQ W4 g64 act-order, sink weight 1": [{"gptq": {"bits": 4, "group_size": 64, "sink_weight": 1}}],
-        "GPTQ W4 g64 act-order, sink weight 64": [{"gptq": {"bits": 4, "group_size": 64, "sink_weight": 64}}],
+        # GPTQ's sink_weight and clip_search set explicitly (eval/results/gptq-sink-weight.md,
+        # eval/results/clip-search-windows4.md); measured before clip_search became GPTQ's default
+        "GPTQ W4 g64, sink weight 1, no clip search": [
+            {"gptq": {"bits": 4, "group_size": 64, "act_order": False, "sink_weight": 1, "clip_search": False}}],
+        "GPTQ W4 g64 act-order, sink weight 1, no clip search": [
+            {"gptq": {"bits": 4, "group_size": 64, "sink_weight": 1, "clip_search": False}}],
+        "GPTQ W4 g64 act-order, sink weight 64, no clip search": [
+            {"gptq": {"bits": 4, "group_size": 64, "sink_weight": 64, "clip_search": False}}],
+        "GPTQ W4 g64 act-order, sink weight 64, clip search": [  # the W4 recipe
+            {"gptq": {"bits": 4, "group_size": 64, "sink_weight": 64, "clip_search": True}}],
     },
     # Issue 3's grid; GROUP stands for the model's group size (GROUP_SIZE below).
     "quantization-grid": {"dense": None} | {
@@ -60,8 +66,9 @@ SUITES = {
             {"gptq": {"bits": bits, "group_size": GROUP}}, {"lrec": {"rank": rank}}]
         + ([{"lrec_refine": {"steps": 100}}] if refine else [])
         for bits in (2, 3) for rank in (8, 16, 32, 64) for refine in (False, True)
-    } | {  # GPTQ's sink_weight set explicitly (eval/results/gptq-sink-weight.md)
-        f"GPTQ W{bits}, sink weight {weight}": [{"gptq": {"bits": bits, "group_size": GROUP, "sink_weight": weight}}]
+    } | {  # measured before clip_search became GPTQ's default (eval/results/gptq-sink-weight.md)
+        f"GPTQ W{bits}, sink weight {weight}, no clip search": [
+            {"gptq": {"bits": bits, "group_size": GROUP, "sink_weight": weight, "clip_search": False}}]
         for bits in (3, 2) for weight in (1, 64)
     } | {
         f"GPTQ W{bits}, clip search": [{"gptq": {"bits": bits, "group_size": GROUP, "clip_search": True}}]

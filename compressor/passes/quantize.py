@@ -31,7 +31,8 @@ def grid(w: torch.Tensor, bits: int, symmetric: bool, clip_search: bool = False)
     """Scale and zero point [out] for the columns w [out, n] of one group. With `clip_search`, each row's
     range is shrunk by the factor in SHRINKS that gives the least squared error of the rounded weights
     (the weights beyond the shrunk range are clipped): GPTQ's `mse` option, llm-compressor's MSE observer.
-    SmolLM2 GPTQ g64, windows=4: W3 40.654 -> 27.201, W2 99868 -> 29722 (eval/results/clip-search-windows4.md)."""
+    SmolLM2 g64, windows=4 (eval/results/clip-search-windows4.md): GPTQ W4 17.529 -> 17.036, W3 40.654 ->
+    27.201, W2 99868 -> 29722; RTN W4 19.024 -> 18.501, W3 107.4 -> 105.1, W2 1.7e6 -> 3.4e7."""
     scale, zero = shrunk_grid(w, bits, symmetric, 1.0)
     if not clip_search:
         return scale, zero
@@ -222,7 +223,10 @@ class GPTQ(_Quantize):
     Every later token attends to that token (the attention sink), yet with weight 1 it is one row in
     2048 and GPTQ moves error onto it (on SmolLM2 its q/k/v output error came out up to 2.5x RTN's).
     On SmolLM2 (g64 act-order, full split) weight 64 took W4 from 17.981 to 15.476 but W3 from 39.820
-    to 63.989, so the default stays 1 and the W4 recipe sets 64 (eval/results/gptq-sink-weight.md)."""
+    to 63.989, so the default stays 1 and the W4 recipe sets 64 (eval/results/gptq-sink-weight.md).
+
+    `clip_search` is on by default here (off for RTN): it lowered GPTQ's perplexity at 4, 3 and 2 bits
+    (SmolLM2 W3 g64, full split: 39.820 -> 27.534; eval/results/clip-search-windows4.md)."""
 
     name: ClassVar[str] = "gptq"
     stats: ClassVar[str | None] = "hessian"
@@ -231,6 +235,7 @@ class GPTQ(_Quantize):
     block_size: int = 128
     act_order: bool = True
     sink_weight: float = 1.0
+    clip_search: bool = True
 
     def validate(self) -> None:
         super().validate()
