@@ -73,6 +73,11 @@ SUITES = {
     } | {
         f"GPTQ W{bits}, clip search": [{"gptq": {"bits": bits, "group_size": GROUP, "clip_search": True}}]
         for bits in (3, 2)
+    } | {  # W2 + LREC at W3's bits per weight: 2.375 + 1.0 = 3.375
+        f"GPTQ W2 + LREC 1.0 extra bits{' refined' if refine else ''}": [
+            {"gptq": {"bits": 2, "group_size": GROUP}}, {"lrec": {"extra_bits": 1.0}}]
+        + ([{"lrec_refine": {"steps": 100}}] if refine else [])
+        for refine in (False, True)
     },
     "pruning": {"dense": None} | {
         f"{method} {label}": [{method: setting}]
