@@ -65,8 +65,8 @@ class LREC(Pass):
         return int(self.extra_bits / rank_bits(in_features, out_features))
 
     def check_module(self, name: str, linear) -> None:
-        rank, most = self.rank_for(linear.in_features, linear.out_features), min(linear.in_features,
-                                                                                  linear.out_features)
+        rank = self.rank_for(linear.in_features, linear.out_features)
+        most = min(linear.in_features, linear.out_features)
         if rank > most:
             raise CompressorError(f"lrec: rank {rank} is larger than {name} allows (min(in, out) = {most})"
                                   + ("; lower extra_bits" if self.rank is None else ""))
