@@ -118,8 +118,9 @@ def compress_model(model: PreTrainedModel, adapter: Adapter, passes: list[Pass],
             bar.update()
         if needs_data and i + 1 < len(layers):
             hidden = outputs if outputs is not None else [run_layer(layer, h, kwargs, device) for h in hidden]
-        for module in layer.modules():
-            module.__dict__.pop("dense_weight", None)  # float copies kept by quantizers for lrec
+        for module in layer.modules():  # what quantizers keep for lrec: the float weight and the quantizer
+            module.__dict__.pop("dense_weight", None)
+            module.__dict__.pop("requantize", None)
         layer.to(home)
     for p in passes:
         if isinstance(p, LayerPass):

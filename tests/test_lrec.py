@@ -80,3 +80,36 @@ def test_refinement_without_lrec_is_refused(llama_dir, corpus):
     passes = [{"gptq": {"bits": 2, "group_size": 32}}, {"lrec_refine": {"steps": 5}}]
     with pytest.raises(CompressorError, match="put lrec_refine right after lrec"):
         compressor.compress(recipe_dict(llama_dir, corpus, passes), progress=False)
+
+
+def test_alternating_requantization_lowers_the_error_and_round_trips(llama_dir, corpus, tmp_path):
+    def compress(alternate, out=None):
+        passes = [{"gptq": {"bits": 2, "group_size": 32}}, {"lrec": {"rank": 8, "alternate": alternate}}]
+        return compressor.compress(recipe_dict(llama_dir, corpus, passes, out), progress=False)
+
+    plain, out = compress(0), tmp_path / "ckpt"
+    alternated = compress(3, out)
+    name = "model.layers.0.mlp.down_proj"  # layer 0: both runs see the same inputs
+    kept = [m.compression_config["modules"][name][1]["output_error_kept"] for m in (plain, alternated)]
+    assert kept[1] < kept[0]
+    q = alternated.get_submodule(name)
+    assert not torch.equal(q.qweight, plain.get_submodule(name).qweight)  # the codes were re-quantized
+    assert "requantize" not in q.__dict__ and "dense_weight" not in q.__dict__
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(compressor.load(out)(input_ids=ids).logits, alternated(input_ids=ids).logits,
+                                   rtol=0, atol=0)
+
+
+def test_alternating_keeps_pruned_weights_zero(llama_dir, corpus):
+    passes = [{"magnitude": {"pattern": "2:4"}}, {"gptq": {"bits": 4, "group_size": 32}},
+              {"lrec": {"rank": 4, "alternate": 2}}]
+    model = compressor.compress(recipe_dict(llama_dir, corpus, passes), progress=False)
+    w = model.model.layers[0].mlp.up_proj.weight_dequantized()
+    assert (w.reshape(w.shape[0], -1, 4) == 0).sum(-1).min() >= 2
+
+
+def test_alternate_must_not_be_negative(llama_dir, corpus):
+    with pytest.raises(CompressorError, match="alternate"):
+        compressor.compress(recipe_dict(llama_dir, corpus, [{"rtn": {"bits": 2}}, {"lrec": {"alternate": -1}}]),
+                            progress=False)

@@ -187,15 +187,20 @@ class _Quantize(Pass):
             raise CompressorError(f"{self.name}: {name} has NaN or Inf weights; the model is broken before "
                                   "compression")
         group_size = self.group_size or linear.in_features
-        codes, scales, zeros = self.quantize(weight, stats, group_size)
         q = QuantLinear(linear.in_features, linear.out_features, self.bits, group_size, linear.bias is not None,
                         SCALE_DTYPE, linear.weight.dtype).to(linear.weight.device)
-        q.qweight.copy_(pack(codes.long(), self.bits))
-        q.scales.copy_(scales)
-        q.zeros.copy_(zeros)
+
+        def requantize(target: torch.Tensor) -> None:  # quantize target [out, in] into q's codes
+            codes, scales, zeros = self.quantize(target.masked_fill(weight == 0, 0), stats, group_size)
+            q.qweight.copy_(pack(codes.long(), self.bits))
+            q.scales.copy_(scales)
+            q.zeros.copy_(zeros)
+
+        requantize(weight)
         if linear.bias is not None:
             q.bias.data.copy_(linear.bias.data)
-        q.dense_weight = weight  # for a correcting pass (lrec) during compression; not saved
+        # For correcting passes (lrec, lrec_refine) while the layer is compressed; neither is saved.
+        q.dense_weight, q.requantize = weight, requantize
         error = (q.weight_dequantized(torch.float32) - weight).norm() / weight.norm().clamp_min(1e-12)
         return q, {"pass": self.name, "bits": self.bits, "group_size": group_size, "symmetric": self.symmetric,
                    "clip_search": self.clip_search,
