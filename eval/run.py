@@ -78,6 +78,14 @@ SUITES = {
             {"gptq": {"bits": 2, "group_size": GROUP}}, {"lrec": {"extra_bits": 1.0}}]
         + ([{"lrec_refine": {"steps": 100}}] if refine else [])
         for refine in (False, True)
+    } | {  # asymmetric grids, and LoftQ-style alternation for LREC (eval/results/w2-lrec-windows4.md)
+        "GPTQ W3 asymmetric": [{"gptq": {"bits": 3, "group_size": GROUP, "symmetric": False}}],
+    } | {
+        f"GPTQ W2 asymmetric + LREC 1.0 extra bits, alternate 4{' refined' if refine else ''}": [
+            {"gptq": {"bits": 2, "group_size": GROUP, "symmetric": False}},
+            {"lrec": {"extra_bits": 1.0, "alternate": 4}}]
+        + ([{"lrec_refine": {"steps": 100}}] if refine else [])
+        for refine in (False, True)
     },
     "pruning": {"dense": None} | {
         f"{method} {label}": [{method: setting}]
