@@ -57,8 +57,9 @@ def test_extra_bits_budget_sets_each_linears_rank(llama_dir, corpus):
 @pytest.mark.parametrize("lrec, message", [
     ({"rank": 4, "extra_bits": 1.0}, "give rank or extra_bits, not both"),
     ({"extra_bits": 0.2}, "extra_bits 0.2 buys no rank for model.layers.0.self_attn.q_proj: one rank costs 0.500"),
+    ({"alternate": -1}, r"alternate: got -1; use 0 \(no re-quantization\)"),
 ])
-def test_lrec_budget_errors(llama_dir, corpus, lrec, message):
+def test_lrec_parameter_errors(llama_dir, corpus, lrec, message):
     with pytest.raises(CompressorError, match=message):
         compressor.compress(recipe_dict(llama_dir, corpus, [{"rtn": {"bits": 2, "group_size": 32}}, {"lrec": lrec}]),
                             progress=False)
@@ -129,8 +130,3 @@ def test_alternating_keeps_pruned_weights_zero(llama_dir, corpus):
     w = model.model.layers[0].mlp.up_proj.weight_dequantized()
     assert (w.reshape(w.shape[0], -1, 4) == 0).sum(-1).min() >= 2
 
-
-def test_alternate_must_not_be_negative(llama_dir, corpus):
-    with pytest.raises(CompressorError, match="alternate"):
-        compressor.compress(recipe_dict(llama_dir, corpus, [{"rtn": {"bits": 2}}, {"lrec": {"alternate": -1}}]),
-                            progress=False)

@@ -97,17 +97,18 @@ class LREC(Pass):
             e = e.double()
             return (e @ H * e).sum().item()
 
-        before = output_error(dense - q.weight_dequantized(torch.float32))
+        error = dense - q.weight_dequantized(torch.float32)  # [out, in]
+        before = output_error(error)
         best = None  # (output error, the state of q that gave it): a round that does worse is not kept
         for step in range(self.alternate + 1):
-            if step:
-                q.requantize(dense - (q.lora_a.float() @ q.lora_b.float()).T)
-            error = dense - q.weight_dequantized(torch.float32)  # [out, in]
-            A, B = split_factors(*whitened_svd(error.T, hessian if self.whiten else None, self.damp), rank)
-            q.set_low_rank(A, B)
-            after = output_error(error - (q.lora_a.float() @ q.lora_b.float()).T)
+            q.set_low_rank(*split_factors(*whitened_svd(error.T, hessian if self.whiten else None, self.damp), rank))
+            correction = (q.lora_a.float() @ q.lora_b.float()).T  # [out, in], as stored (float16)
+            after = output_error(error - correction)
             if best is None or after < best[0]:
                 best = (after, {k: v.clone() for k, v in q.state_dict().items()})
+            if step < self.alternate:
+                q.requantize(dense - correction)
+                error = dense - q.weight_dequantized(torch.float32)
         after, state = best
         q.load_state_dict(state)
         return q, {"pass": self.name, "rank": rank, "whiten": self.whiten, "alternate": self.alternate,
