@@ -94,9 +94,10 @@ SUITES = {
         for method in ["magnitude", "wanda", "sparsegpt"]
     },
     "slicing": {"dense": None} | {f"slice {pct}%": [{"slice": {"fraction": pct / 100}}] for pct in (10, 20, 25, 30)} | {
-        "slice 25% + GPTQ W4 g64": [{"slice": {"fraction": 0.25}}, {"gptq": {"bits": 4, "group_size": 64}}],
         # as many parameters as slice 25% (a few fewer), but layer 0, where the embeddings enter, kept whole
         "slice 26%, layer 0 unsliced": [{"slice": {"fraction": 0.26, "layer_fractions": {0: 0.0}}}],
+        "slice 26%, layer 0 unsliced + GPTQ W4 g64": [  # recipes/smollm2-135m-slice25-gptq-w4g64.yaml
+            {"slice": {"fraction": 0.26, "layer_fractions": {0: 0.0}}}, {"gptq": {"bits": 4, "group_size": 64}}],
     },
     "lowrank": {"dense": None} | {
         f"lowrank {method} -{cut}%": [{"lowrank": {"param_ratio": 1 - cut / 100, "method": method}}]
