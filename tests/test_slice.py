@@ -31,7 +31,9 @@ def test_rotation_without_deleting_anything_keeps_the_logits(arch, slice_embeddi
     dense = logits(AutoModelForCausalLM.from_pretrained(folder))
     passes = [{"slice": {"fraction": 0.01, "slice_embeddings": slice_embeddings}}]  # 0.64 dims: rounds to none
     model = compressor.compress(recipe_dict(folder, corpus, passes), progress=False)
-    assert isinstance(model.model.layers[0].input_layernorm, RMSNormOverWidth)
+    # tiny llama ties its embeddings, which then stay unrotated, and a layer kept whole that reads them stays dense
+    rotated = slice_embeddings or arch != "llama"
+    assert isinstance(model.model.layers[0].input_layernorm, RMSNormOverWidth) == rotated
     torch.testing.assert_close(logits(model), dense, atol=2e-5, rtol=1e-4)
 
 
@@ -92,10 +94,30 @@ def test_layer_fractions_set_each_layers_width(llama_dir, corpus, tmp_path):
     model = compressor.compress(recipe_dict(llama_dir, corpus, passes, out), progress=False)
     widths = [layer.mlp.gate_proj.in_features for layer in model.model.layers]
     assert widths == [64, 32, 48]
+    dense = AutoModelForCausalLM.from_pretrained(llama_dir)
+    # layer 0, kept whole and reading the unrotated embeddings, stays the dense layer: no shortcut matrices
+    assert not hasattr(model.model.layers[0], "attn_shortcut")
+    for (name, p), (dense_name, dense_p) in zip(model.model.layers[0].named_parameters(),
+                                                dense.model.layers[0].named_parameters(), strict=True):
+        assert name == dense_name and torch.equal(p, dense_p), name
     torch.testing.assert_close(logits(compressor.load(out)), logits(model), rtol=0, atol=0)
     result = CliRunner().invoke(main, ["info", str(out)])
     assert "residual stream width per decoder layer: layer 0 64, layer 1 32, layer 2 48" in result.output, \
         result.output
+
+
+def test_slicing_that_adds_parameters_warns(llama_dir, corpus):
+    """Two k x k shortcut matrices per layer outweigh a small cut of a narrow model's linears."""
+    with pytest.warns(UserWarning, match=r"3 of 3 decoder layers .* get more parameters than they lose: at width 56"):
+        model = compressor.compress(recipe_dict(llama_dir, corpus, [{"slice": {"fraction": 0.1}}]), progress=False)
+    parameters = model.compression_config["parameters"]
+    assert parameters["compressed"]["parameters_without_embeddings"] > \
+        parameters["dense"]["parameters_without_embeddings"]
+
+
+def test_slicing_that_saves_parameters_does_not_warn(llama_dir, corpus, recwarn):
+    compressor.compress(recipe_dict(llama_dir, corpus, [{"slice": {"fraction": 0.25}}]), progress=False)
+    assert not [w for w in recwarn if "more parameters" in str(w.message)]
 
 
 @pytest.mark.parametrize("layer_fractions, match", [({3: 0.1}, "model has 3 decoder layers"),

@@ -26,6 +26,7 @@ the linears can reproduce, so such architectures are refused.
 """
 
 import types
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -51,6 +52,36 @@ def norm_eps(norm: nn.Module) -> float:
         if isinstance(getattr(norm, attribute, None), float):
             return getattr(norm, attribute)
     raise CompressorError(f"slice: cannot find the epsilon of {type(norm).__name__}; the adapter needs work")
+
+
+def shortcut_cost(layer: nn.Module, adapter: Adapter, full_width: int, width: int) -> tuple[int, int]:
+    """(parameters the two k x k shortcut matrices add, parameters the linears lose) when `layer` is sliced
+    from D to k: every reader and writer of the residual stream loses D - k of its D columns or rows."""
+    names = [*adapter.attn_inputs[1], *adapter.mlp_inputs[1], adapter.attn_output[0], adapter.mlp_output[0]]
+    linears = sum(layer.get_submodule(name).weight.numel() for name in names)
+    return 2 * width**2, linears * (full_width - width) // full_width
+
+
+def warn_if_slicing_adds_parameters(layers: list[nn.Module], adapter: Adapter, fractions: list[float]) -> None:
+    """SliceGPT's shortcut matrices cost 2 k^2 per layer: on narrow models a small fraction adds parameters."""
+    full_width = layers[0].get_submodule(adapter.mlp_inputs[0]).weight.numel()
+    widths = [sliced_width(full_width, fraction) for fraction in fractions]
+
+    def grows(layer: nn.Module, k: int) -> bool:
+        added, saved = shortcut_cost(layer, adapter, full_width, k)
+        return added > saved
+
+    growing = [i for i, (layer, k) in enumerate(zip(layers, widths, strict=True)) if k < full_width and grows(layer, k)]
+    if not growing:
+        return
+    first, k = layers[growing[0]], widths[growing[0]]
+    added, saved = shortcut_cost(first, adapter, full_width, k)
+    saving = next(w for w in range(full_width - 8, 0, -8) if not grows(first, w))
+    warnings.warn(
+        f"slice: {len(growing)} of {len(layers)} decoder layers (first: {growing[0]}) get more parameters than they "
+        f"lose: at width {k} of {full_width}, their two {k} x {k} shortcut matrices add {added:,} and their linears "
+        f"lose {saved:,}. Slicing saves parameters on this model at width {saving} "
+        f"(fraction {(full_width - saving) / full_width:.3f}) or less.", stacklevel=2)
 
 
 @torch.no_grad()
@@ -92,7 +123,8 @@ class Slice(LayerPass):
                 raise ParamError("layer_fractions", f"layer {layer}: {f}; allowed: index >= 0, fraction in [0, 1)")
 
     def check_model(self, model: PreTrainedModel, adapter: Adapter) -> None:
-        n_layers = len(adapter.decoder_layers(model))
+        layers = adapter.decoder_layers(model)
+        n_layers = len(layers)
         if any(layer >= n_layers for layer in self.layer_fractions):
             raise ParamError("layer_fractions", f"slice: layer_fractions names layers {sorted(self.layer_fractions)}, "
                                                 f"but the model has {n_layers} decoder layers (0 to {n_layers - 1})")
@@ -105,6 +137,8 @@ class Slice(LayerPass):
         if adapter.sliced_forward is None:
             raise CompressorError(f"slice: the {adapter.name} adapter has no sliced layer forward; "
                                   "slicing supports: llama, mistral, qwen2")
+        fractions = [self.layer_fractions.get(i, self.fraction) for i in range(n_layers)]
+        warn_if_slicing_adds_parameters(layers, adapter, fractions)
 
     def apply_layer(self, model: PreTrainedModel, adapter: Adapter, index: int, layer: nn.Module,
                     hidden: list[torch.Tensor], kwargs: dict, device: torch.device, names: list[str],
@@ -116,15 +150,20 @@ class Slice(LayerPass):
         (attn_norm, attn_readers), (mlp_norm, mlp_readers) = adapter.attn_inputs, adapter.mlp_inputs
         attn_writer, mlp_writer = adapter.attn_output[0], adapter.mlp_output[0]
         records = {}
-        for norm_name, reader_names in [(attn_norm, attn_readers), (mlp_norm, mlp_readers)]:
-            norm = fold_norm(layer.get_submodule(norm_name), [layer.get_submodule(n) for n in reader_names])
-            layer.set_submodule(norm_name, norm)
-            records[f"{prefix}.{norm_name}"] = {"pass": self.name, "runtime": norm.runtime_config()}
-        full_width = layer.get_submodule(mlp_norm).full_width
+        full_width = layer.get_submodule(mlp_norm).weight.numel()
         width = sliced_width(full_width, self.layer_fractions.get(index, self.fraction))
         if index == 0:
             hidden = self._start(model, adapter, hidden, width, device, records)
         P = self._frame  # [D, k_in], or None: the input arrives in the original basis
+        if width == full_width and P is None:
+            # A layer kept whole that reads the original basis stays the dense layer and writes the original
+            # basis: rotating it would be exact too, but would cost two D x D shortcut matrices.
+            records[prefix] = {"pass": self.name, "width": width, "full_width": full_width}
+            return hidden, records, None
+        for norm_name, reader_names in [(attn_norm, attn_readers), (mlp_norm, mlp_readers)]:
+            norm = fold_norm(layer.get_submodule(norm_name), [layer.get_submodule(n) for n in reader_names])
+            layer.set_submodule(norm_name, norm)
+            records[f"{prefix}.{norm_name}"] = {"pass": self.name, "runtime": norm.runtime_config()}
         eye = torch.eye(full_width, dtype=torch.float64, device=device)
         # Run as the dense layer (identity shortcuts, writers in the original basis) to find Q_mid.
         dtype = layer.get_submodule(attn_writer).weight.dtype
