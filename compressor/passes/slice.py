@@ -13,7 +13,8 @@ the layer's input arrives:
 4. Q_out [D, k]: the same for the layer's output, computed with steps 2-3 in place; the MLP writer
    (down) writes in it, the MLP's residual connection gets Q_mid^T Q_out, and it is the next
    layer's P. k = D minus fraction * D rounded to a multiple of 8 (`layer_fractions` sets it per layer:
-   on SmolLM2, keeping layer 0, where the embeddings enter, whole matters most).
+   on SmolLM2, keeping layer 0, where the embeddings enter, whole matters most). A layer kept whole
+   whose input arrives in the original basis (P = I) is left as it is, without shortcuts.
 The shortcuts need the adapter's `sliced_forward` (the architecture's layer forward with the two
 shortcut matrices). Embeddings: when sliced, E <- E Q_emb (the leading eigenvectors of the layer-0
 inputs) and P = Q_emb; when kept at full width (the default when they are tied to the head, where
