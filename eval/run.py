@@ -96,8 +96,11 @@ SUITES = {
     "slicing": {"dense": None} | {f"slice {pct}%": [{"slice": {"fraction": pct / 100}}] for pct in (10, 20, 25, 30)} | {
         # as many parameters as slice 25% (a few fewer), but layer 0, where the embeddings enter, kept whole
         "slice 26%, layer 0 unsliced": [{"slice": {"fraction": 0.26, "layer_fractions": {0: 0.0}}}],
-        "slice 26%, layer 0 unsliced + GPTQ W4 g64": [  # recipes/smollm2-135m-slice25-gptq-w4g64.yaml
+        "slice 26%, layer 0 unsliced + GPTQ W4 g64": [
             {"slice": {"fraction": 0.26, "layer_fractions": {0: 0.0}}}, {"gptq": {"bits": 4, "group_size": 64}}],
+        "slice 26%, layer 0 unsliced + GPTQ W4 g64, sink weight 64": [  # the slice + GPTQ recipe
+            {"slice": {"fraction": 0.26, "layer_fractions": {0: 0.0}}},
+            {"gptq": {"bits": 4, "group_size": 64, "sink_weight": 64}}],
     },
     "lowrank": {"dense": None} | {
         f"lowrank {method} -{cut}%": [{"lowrank": {"param_ratio": 1 - cut / 100, "method": method}}]
