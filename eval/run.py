@@ -31,6 +31,8 @@ MODELS = ["bundled:smollm2-135m", "bundled:gemma-3-270m"]
 CALIBRATION = {"dataset": "bundled:wikileads", "samples": 64, "seqlen": 2048, "seed": 0}
 GROUP = "group size of the model"
 GROUP_SIZE = {"bundled:smollm2-135m": 64, "bundled:gemma-3-270m": 128}  # 576 = 9 x 64, 640 = 5 x 128
+# as many parameters as slice 25% (a few fewer), but layer 0, where the embeddings enter, kept whole
+SLICE_25_LAYER_0_KEPT = {"slice": {"fraction": 0.26, "layer_fractions": {0: 0.0}}}
 SUITES = {
     "foundation": {
         "dense": None,
@@ -94,13 +96,10 @@ SUITES = {
         for method in ["magnitude", "wanda", "sparsegpt"]
     },
     "slicing": {"dense": None} | {f"slice {pct}%": [{"slice": {"fraction": pct / 100}}] for pct in (10, 20, 25, 30)} | {
-        # as many parameters as slice 25% (a few fewer), but layer 0, where the embeddings enter, kept whole
-        "slice 26%, layer 0 unsliced": [{"slice": {"fraction": 0.26, "layer_fractions": {0: 0.0}}}],
-        "slice 26%, layer 0 unsliced + GPTQ W4 g64": [
-            {"slice": {"fraction": 0.26, "layer_fractions": {0: 0.0}}}, {"gptq": {"bits": 4, "group_size": 64}}],
+        "slice 26%, layer 0 unsliced": [SLICE_25_LAYER_0_KEPT],
+        "slice 26%, layer 0 unsliced + GPTQ W4 g64": [SLICE_25_LAYER_0_KEPT, {"gptq": {"bits": 4, "group_size": 64}}],
         "slice 26%, layer 0 unsliced + GPTQ W4 g64, sink weight 64": [  # the slice + GPTQ recipe
-            {"slice": {"fraction": 0.26, "layer_fractions": {0: 0.0}}},
-            {"gptq": {"bits": 4, "group_size": 64, "sink_weight": 64}}],
+            SLICE_25_LAYER_0_KEPT, {"gptq": {"bits": 4, "group_size": 64, "sink_weight": 64}}],
     },
     "lowrank": {"dense": None} | {
         f"lowrank {method} -{cut}%": [{"lowrank": {"param_ratio": 1 - cut / 100, "method": method}}]

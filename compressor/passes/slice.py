@@ -55,11 +55,15 @@ def norm_eps(norm: nn.Module) -> float:
     raise CompressorError(f"slice: cannot find the epsilon of {type(norm).__name__}; the adapter needs work")
 
 
+def stream_linears(adapter: Adapter) -> list[str]:
+    """The linears that read (q, k, v, gate, up) or write (o, down) a decoder layer's residual stream."""
+    return [*adapter.attn_inputs[1], *adapter.mlp_inputs[1], adapter.attn_output[0], adapter.mlp_output[0]]
+
+
 def shortcut_cost(layer: nn.Module, adapter: Adapter, full_width: int, width: int) -> tuple[int, int]:
     """(parameters the two k x k shortcut matrices add, parameters the linears lose) when `layer` is sliced
     from D to k: every reader and writer of the residual stream loses D - k of its D columns or rows."""
-    names = [*adapter.attn_inputs[1], *adapter.mlp_inputs[1], adapter.attn_output[0], adapter.mlp_output[0]]
-    linears = sum(layer.get_submodule(name).weight.numel() for name in names)
+    linears = sum(layer.get_submodule(name).weight.numel() for name in stream_linears(adapter))
     return 2 * width**2, linears * (full_width - width) // full_width
 
 
@@ -191,7 +195,7 @@ class Slice(LayerPass):
             outputs = [out @ Q_out_cpu.to(out.dtype) for out in outputs]
         self._set(layer.mlp_shortcut, Q_mid.T @ Q_out)
         self._rotate_writer(layer.get_submodule(mlp_writer), Q_out)
-        for name in (*attn_readers, *mlp_readers, attn_writer, mlp_writer):
+        for name in stream_linears(adapter):
             records[f"{prefix}.{name}"] = {"pass": self.name, "runtime": resize_config(layer.get_submodule(name))}
         for name in ("attn_shortcut", "mlp_shortcut"):
             records[f"{prefix}.{name}"] = {"pass": self.name, "runtime": layer.get_submodule(name).runtime_config()}
