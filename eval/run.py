@@ -8,7 +8,8 @@ checkpoint (so the perplexity is that of the re-loaded checkpoint).
     python eval/run.py foundation --windows 16     # quick sweep, labelled windows=16
     python eval/run.py quantization --models bundled:smollm2-135m --methods "GPTQ W4 g64"
 
-Writes eval/results/SUITE[-windowsN].json and .md after every job.
+Writes eval/results/SUITE[-windowsN].json and .md after every job; two runs of one suite (two queues,
+one per core) may share the file, as each re-reads it before adding a row.
 """
 
 import argparse
@@ -119,6 +120,11 @@ def measured_elsewhere(suite: str, model: str, method: str, suffix: str) -> dict
             if (row["model"], row["method"]) == (model, method):
                 return {**row, "note": row.get("note") or f"measured in the {other} suite ({path.name})"}
     return None
+
+
+def saved_results(stem: Path) -> dict:
+    path = stem.with_suffix(".json")
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def compress_cmd(*args: str) -> list[str]:
@@ -242,7 +248,7 @@ def main() -> None:
     command = " ".join(["python eval/run.py", args.suite] + (["--windows", str(args.windows)] if args.windows else [])
                        + (["--models", *args.models] if args.models != MODELS else [])
                        + (["--methods", *(f'"{m}"' for m in args.methods)] if args.methods else []))
-    saved = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else {}
+    saved = saved_results(stem)
     rows = saved.get("rows", [])
     conditions = saved.get("conditions", "") if args.conditions is None else args.conditions
     if args.render:
@@ -255,16 +261,15 @@ def main() -> None:
         for method in args.methods or methods:
             if (model, method) in done:  # results accumulate across runs; delete the file to redo
                 continue
-            if row := measured_elsewhere(args.suite, model, method, suffix):
-                rows.append(row)
-                write(rows, stem, command, conditions)
-                continue
             start = time.perf_counter()
-            try:
-                rows.append(run_job(model, method, methods[method], args.windows, Path(tmp)))
-            except subprocess.CalledProcessError:
-                sys.exit(f"{model} {method} failed; its files are kept in {tmp}")
-            print(f"{model} {method}: ppl {rows[-1]['ppl']:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
+            if not (row := measured_elsewhere(args.suite, model, method, suffix)):
+                try:
+                    row = run_job(model, method, methods[method], args.windows, Path(tmp))
+                except subprocess.CalledProcessError:
+                    sys.exit(f"{model} {method} failed; its files are kept in {tmp}")
+                print(f"{model} {method}: ppl {row['ppl']:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
+            # re-read: another run of this suite (a second queue) may have added rows meanwhile
+            rows = saved_results(stem).get("rows", []) + [row]
             write(rows, stem, command, conditions)
     shutil.rmtree(tmp)
 
