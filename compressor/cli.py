@@ -5,27 +5,39 @@ Every user error prints one message and exits with code 2.
 
 import json
 import sys
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
 import click
 from tabulate import tabulate
 
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, CompressorWarning
 
 PARAMETER_ROWS = [("parameters", "parameters"), ("nonzero_parameters", "nonzero parameters"),
                   ("parameters_without_embeddings", "parameters without embeddings and head")]
 
 
 class _Command(click.Command):
-    """Turns CompressorError into one message on stderr and exit code 2."""
+    """Turns CompressorError into one message on stderr and exit code 2, and CompressorWarning into one
+    line on stderr (other libraries' warnings keep Python's format)."""
 
     def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except CompressorError as e:
-            click.echo(f"error: {e}", err=True)
-            ctx.exit(2)
+        show = warnings.showwarning
+
+        def show_warning(message, category, *args, **kwargs):
+            if issubclass(category, CompressorWarning):
+                click.echo(f"warning: {message}", err=True)
+            else:
+                show(message, category, *args, **kwargs)
+
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning
+            try:
+                return super().invoke(ctx)
+            except CompressorError as e:
+                click.echo(f"error: {e}", err=True)
+                ctx.exit(2)
 
 
 @click.group()

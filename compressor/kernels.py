@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from compressor.errors import CompressorWarning
+
 CUDA_DIR = Path(__file__).resolve().parents[1] / "cuda"
 ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
 _extension = None
@@ -47,5 +49,6 @@ _warned = False
 def warn_fallback(reason: str) -> None:
     global _warned
     if not _warned:
-        warnings.warn(f"compressor: QuantLinear on CUDA uses the PyTorch reference path ({reason})", stacklevel=3)
+        warnings.warn(f"compressor: QuantLinear on CUDA uses the PyTorch reference path ({reason})",
+                      CompressorWarning, stacklevel=3)
         _warned = True

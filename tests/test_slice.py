@@ -1,5 +1,6 @@
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 from conftest import make_model_dir, recipe_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -113,6 +114,15 @@ def test_slicing_that_adds_parameters_warns(llama_dir, corpus):
     parameters = model.compression_config["parameters"]
     assert parameters["compressed"]["parameters_without_embeddings"] > \
         parameters["dense"]["parameters_without_embeddings"]
+
+
+def test_cli_prints_the_warning_as_one_line(llama_dir, corpus, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_dict(llama_dir, corpus, [{"slice": {"fraction": 0.1}}], tmp_path / "out")))
+    result = CliRunner().invoke(main, ["run", str(recipe)])
+    assert result.exit_code == 0, result.output
+    assert "warning: slice: 3 of 3 decoder layers" in result.output
+    assert "UserWarning: slice" not in result.output
 
 
 def test_slicing_that_saves_parameters_does_not_warn(llama_dir, corpus, recwarn):

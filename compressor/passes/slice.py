@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, CompressorWarning
 from compressor.models import Adapter
 from compressor.nn import RMSNormOverWidth, Rotation
 from compressor.nn.sliced import resize_config
@@ -86,7 +86,7 @@ def warn_if_slicing_adds_parameters(layers: list[nn.Module], adapter: Adapter, f
         f"slice: {len(growing)} of {len(layers)} decoder layers (first: {growing[0]}) get more parameters than they "
         f"lose: at width {k} of {full_width}, their two {k} x {k} shortcut matrices add {added:,} and their linears "
         f"lose {saved:,}. Slicing saves parameters on this model at width {saving} "
-        f"(fraction {(full_width - saving) / full_width:.3f}) or less.", stacklevel=2)
+        f"(fraction {(full_width - saving) / full_width:.3f}) or less.", CompressorWarning, stacklevel=2)
 
 
 @torch.no_grad()
