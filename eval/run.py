@@ -127,6 +127,14 @@ def saved_results(stem: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def in_suite_order(rows: list[dict], methods: dict) -> list[dict]:
+    """Rows by model, then by the method's place in the suite (queues finish jobs in any order)."""
+    models = list(dict.fromkeys([*MODELS, *(r["model"] for r in rows)]))
+    order = list(methods)
+    return sorted(rows, key=lambda r: (models.index(r["model"]),
+                                       order.index(r["method"]) if r["method"] in order else len(order)))
+
+
 def compress_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "compressor.cli", *args]
 
@@ -252,7 +260,7 @@ def main() -> None:
     rows = saved.get("rows", [])
     conditions = saved.get("conditions", "") if args.conditions is None else args.conditions
     if args.render:
-        write(rows, stem, saved["command"], conditions)
+        write(in_suite_order(rows, methods), stem, saved["command"], conditions)
         return
     done = {(r["model"], r["method"]) for r in rows}
     # Checkpoints go to a temporary folder, deleted after a clean run and kept (and named) after a failure.
@@ -269,7 +277,7 @@ def main() -> None:
                     sys.exit(f"{model} {method} failed; its files are kept in {tmp}")
                 print(f"{model} {method}: ppl {row['ppl']:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
             # re-read: another run of this suite (a second queue) may have added rows meanwhile
-            rows = saved_results(stem).get("rows", []) + [row]
+            rows = in_suite_order(saved_results(stem).get("rows", []) + [row], methods)
             write(rows, stem, command, conditions)
     shutil.rmtree(tmp)
 
