@@ -88,7 +88,11 @@ def gguf_to_folder(gguf: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf.resolve()), "bytes": stat.st_size}))
-        tmp.rename(folder)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process finished the same conversion first: use its folder
+            if not (folder / "config.json").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder

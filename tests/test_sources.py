@@ -1,0 +1,41 @@
+"""Model sources: the GGUF cache when two processes convert the same file at once."""
+
+from pathlib import Path
+
+from compressor.models import sources
+
+
+class _FakeSaved:
+    """Stands in for transformers' tokenizer and model: save_pretrained writes a marker file."""
+
+    def __init__(self, on_save=None):
+        self.on_save, self.config, self.hf_quantizer = on_save, type("Config", (), {})(), None
+
+    def save_pretrained(self, folder: Path) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "config.json").write_text("{}")
+        if self.on_save:
+            self.on_save()
+
+
+def test_gguf_conversion_finished_first_by_another_process(tmp_path, monkeypatch):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
+    done_elsewhere = []
+
+    def other_process_finishes():  # the same conversion lands in the cache while this one runs
+        key_folder = next((tmp_path / "cache" / "models").glob("model-*.tmp-*")).name.split(".tmp-")[0]
+        folder = tmp_path / "cache" / "models" / key_folder
+        folder.mkdir()
+        (folder / "config.json").write_text('{"by": "other"}')
+        (folder / "model.safetensors").write_bytes(b"weights")
+        done_elsewhere.append(folder)
+
+    monkeypatch.setattr(sources.AutoTokenizer, "from_pretrained", lambda *a, **k: _FakeSaved())
+    monkeypatch.setattr(sources.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: _FakeSaved(on_save=other_process_finishes))
+    folder = sources.gguf_to_folder(gguf)
+    assert folder == done_elsewhere[0]
+    assert (folder / "config.json").read_text() == '{"by": "other"}'  # its files, untouched
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary folder left
