@@ -171,7 +171,9 @@ def capture_layer_inputs(model: PreTrainedModel, adapter: Adapter, windows: torc
             if i == 0:
                 hidden.append(hidden_states.detach().cpu())
             if not layer_kwargs[i]:
-                layer_kwargs[i] = _to({k: v for k, v in kwargs.items() if k != "past_key_values"}, "cpu")
+                # the KV cache (`past_key_values`, `cache` from transformers 5.24) is not replayed
+                layer_kwargs[i] = _to({k: v for k, v in kwargs.items() if k not in ("past_key_values", "cache")},
+                                      "cpu")
             if i == len(layers) - 1:
                 raise _Stop
             return hidden_states

@@ -89,6 +89,16 @@ def test_sliced_checkpoint_reloads_with_its_new_shapes(arch, corpus, tmp_path):
     assert "parameters without embeddings and head" in result.output
 
 
+def test_sliced_model_generates_the_same_with_and_without_the_kv_cache(llama_dir, corpus, recwarn):
+    """The sliced layer forward hands the KV cache on to attention under the name transformers uses."""
+    model = compressor.compress(recipe_dict(llama_dir, corpus, [{"slice": {"fraction": 0.25}}]), progress=False)
+    with torch.no_grad():
+        cached = model.generate(IDS[:1, :6], max_new_tokens=8, do_sample=False, use_cache=True)
+        uncached = model.generate(IDS[:1, :6], max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    assert not [w for w in recwarn if "past_key_values" in str(w.message)]
+
+
 def test_layer_fractions_set_each_layers_width(llama_dir, corpus, tmp_path):
     out = tmp_path / "ckpt"
     passes = [{"slice": {"fraction": 0.25, "layer_fractions": {0: 0.0, "1": 0.5}}}]
