@@ -164,9 +164,11 @@ class LoadSampler:
 
 
 def run_job(model: str, method: str, passes: list | None, windows: int | None, work: Path) -> dict:
+    import torch  # its thread count (OMP_NUM_THREADS) is what the job's subprocesses run with
+
     with LoadSampler() as load:
         row = _run_job(model, method, passes, windows, work)
-    return {**row, "load_mean": load.mean()}
+    return {**row, "threads": torch.get_num_threads(), "load_mean": load.mean()}
 
 
 def _run_job(model: str, method: str, passes: list | None, windows: int | None, work: Path) -> dict:
@@ -201,14 +203,14 @@ def _bits(bits: float | None) -> str:
 
 def write(rows: list[dict], stem: Path, command: str, conditions: str = "") -> None:
     """Write SUITE.json and SUITE.md; `conditions` says what else ran on the machine meanwhile."""
-    stem.with_suffix(".json").write_text(json.dumps({"command": command, "machine": machine(),
+    stem.with_suffix(".json").write_text(json.dumps({"command": command, "machine": machine_line(rows),
                                                      "conditions": conditions, "rows": rows}, indent=2) + "\n")
     lines = [f"# {stem.name}", "", f"Reproduce: `{command}` (each run adds the jobs not yet in the file)", "",
-             f"Machine: {machine()}. Calibration where a method uses it: wikileads-calib-v1, "
+             f"Machine: {machine_line(rows)}. Calibration where a method uses it: wikileads-calib-v1, "
              f"{CALIBRATION['samples']} x {CALIBRATION['seqlen']}, seed {CALIBRATION['seed']}. {conditions}", "",
              "Load: the machine's mean 1-minute load average during the job (compress and eval), sampled every "
              "15 s; a job alone reads about its thread count, more means other work shared the cores and the "
-             "wall times are inflated (- : not recorded).", "",
+             "wall times are inflated (- : not recorded); in brackets the job's thread count, where recorded.", "",
              "| model | method | PPL | x dense | protocol | L | windows | params | nonzero params | "
              "params without embeddings and head | weights on disk | "
              "bits/weight (quantized linears) | compress wall | compress peak RSS | eval wall | eval peak RSS | load |",
@@ -225,17 +227,23 @@ def write(rows: list[dict], stem: Path, command: str, conditions: str = "") -> N
                      f"{r['bytes_on_disk'] / 1e6:.1f} MB | {_bits(r.get('linear_bits_per_weight'))} | "
                      f"{r.get('compress_wall_s', '-')} s | "
                      f"{r.get('compress_peak_rss_mb', '-')} MB | {r['eval_wall_s']} s | {r['peak_rss_mb']} MB | "
-                     f"{r.get('load_mean') or '-'} |")
+                     f"{_load(r)} |")
     lines += [""] + [f"[{i}] {note}" for i, note in enumerate(notes, 1)]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
-def machine() -> str:
-    import torch
-    import transformers
+def _load(row: dict) -> str:
+    threads = row.get("threads")
+    return f"{row.get('load_mean') or '-'}" + (f" ({threads} thread{'s' * (threads > 1)})" if threads else "")
 
-    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-            f"torch {torch.__version__}, transformers {transformers.__version__}, float32, CPU")
+
+def machine_line(rows: list[dict]) -> str:
+    """The CPU, and the torch and transformers versions of the rows (each row records its own)."""
+    def versions(key: str) -> str:
+        return " / ".join(sorted({r[key] for r in rows if key in r})) or "-"
+
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {versions('torch')}, "
+            f"transformers {versions('transformers')}, float32, CPU")
 
 
 def main() -> None:
@@ -253,14 +261,13 @@ def main() -> None:
             parser.error(f"unknown method {method!r} for {args.suite}; choose from {list(methods)}")
     suffix = f"-windows{args.windows}" if args.windows else ""
     stem = ROOT / "eval" / "results" / f"{args.suite}{suffix}"
-    command = " ".join(["python eval/run.py", args.suite] + (["--windows", str(args.windows)] if args.windows else [])
-                       + (["--models", *args.models] if args.models != MODELS else [])
-                       + (["--methods", *(f'"{m}"' for m in args.methods)] if args.methods else []))
+    # the whole file's command: a run with --models or --methods adds some of its jobs
+    command = " ".join(["python eval/run.py", args.suite] + (["--windows", str(args.windows)] if args.windows else []))
     saved = saved_results(stem)
     rows = saved.get("rows", [])
     conditions = saved.get("conditions", "") if args.conditions is None else args.conditions
     if args.render:
-        write(in_suite_order(rows, methods), stem, saved["command"], conditions)
+        write(in_suite_order(rows, methods), stem, command, conditions)
         return
     done = {(r["model"], r["method"]) for r in rows}
     # Checkpoints go to a temporary folder, deleted after a clean run and kept (and named) after a failure.
