@@ -56,6 +56,18 @@ def test_ignore_leaves_modules_untouched(llama_dir):
     assert loaded.model.model.layers[1].mlp.up_proj.weight.eq(0).float().mean() == 0.5
 
 
+def test_sparsity_per_layer_by_one_pass_per_group_of_layers(llama_dir):
+    """Per-layer sparsity: passes of one method with disjoint `targets`/`ignore`, each with its own sparsity."""
+    loaded = load_model(str(llama_dir))
+    first = [r"re:model\.layers\.0\..*"]
+    passes = [Magnitude(sparsity=0.25, targets=first), Magnitude(sparsity=0.75, ignore=first)]
+    records = compress_model(loaded.model, loaded.adapter, passes, None, torch.device("cpu"), progress=False)
+    assert all(len(done) == 1 for done in records.values())  # each linear pruned once
+    for i, layer in enumerate(loaded.model.model.layers):
+        zeros = layer.mlp.up_proj.weight.eq(0).float().mean().item()
+        assert zeros == (0.25 if i == 0 else 0.75), i
+
+
 @pytest.mark.parametrize("fixture", ["llama_dir", "gemma_dir"])
 def test_next_layer_is_calibrated_on_the_compressed_layers_outputs(fixture, request):
     """The statistics the engine collects for every layer equal those of the final compressed model,
