@@ -283,9 +283,10 @@ def main() -> None:
                 except subprocess.CalledProcessError:
                     sys.exit(f"{model} {method} failed; its files are kept in {tmp}")
                 print(f"{model} {method}: ppl {row['ppl']:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
-            # re-read: another run of this suite (a second queue) may have added rows meanwhile
-            rows = in_suite_order(saved_results(stem).get("rows", []) + [row], methods)
-            write(rows, stem, command, conditions)
+            # re-read: another run of this suite (a second queue) may have added rows or conditions meanwhile
+            saved = saved_results(stem)
+            rows = in_suite_order(saved.get("rows", []) + [row], methods)
+            write(rows, stem, command, saved.get("conditions", "") if args.conditions is None else conditions)
     shutil.rmtree(tmp)
 
 
