@@ -3,7 +3,8 @@
     python eval/plot.py quantization-grid      # reads eval/results/quantization-grid.json, writes .png
 
 Needs matplotlib (`pip install -e .[eval]`). Rows without bits per weight (dense, pruning) are left out;
-the dense perplexity is drawn as a horizontal line per model.
+the dense perplexity is drawn as a horizontal line per model. A job the suite lists under two names (the
+same passes, e.g. a setting that became the default) is drawn once, under the name that comes first.
 """
 
 import argparse
@@ -35,10 +36,12 @@ def main() -> None:
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
-        curves = defaultdict(list)
+        curves, drawn = defaultdict(list), set()
         for r in rows:
-            if r["model"] == model and r.get("linear_bits_per_weight"):
-                curves[family(r["method"])].append((r["linear_bits_per_weight"], r["ppl"]))
+            point = (r.get("linear_bits_per_weight"), r["ppl"])
+            if r["model"] == model and point[0] and point not in drawn:  # a job listed twice: its first name
+                curves[family(r["method"])].append(point)
+                drawn.add(point)
             elif r["model"] == model and r["method"] == "dense":
                 ax.axhline(r["ppl"], color="gray", linestyle="--", label=f"dense {r['ppl']:.2f}")
         for name, points in sorted(curves.items()):

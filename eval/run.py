@@ -109,16 +109,37 @@ SUITES = {
 }
 
 
+def resolved(passes: list | None, model: str) -> list | None:
+    """The suite's passes with GROUP replaced by the model's group size, one pass per step."""
+    if passes is None:
+        return None
+    return [{p: {k: GROUP_SIZE[model] if v == GROUP else v for k, v in params.items()}}
+            for step in passes for p, params in step.items()]
+
+
+def same_passes(a: list | None, b: list | None) -> bool:
+    """Equal as passes, defaults filled in: {bits: 3} equals {bits: 3, clip_search: true} where that is the default."""
+    from compressor.passes import PASSES
+
+    def built(steps: list | None) -> list | None:
+        return None if steps is None else [PASSES[p](**params) for step in steps for p, params in step.items()]
+    return built(a) == built(b)
+
+
 def measured_elsewhere(suite: str, model: str, method: str, suffix: str) -> dict | None:
-    """The row of the same job (same model, method name and passes, same window count) in another suite's
-    results, so that a suite does not re-measure what another already has."""
+    """The row of the same job (same model, same passes, same window count) under another name or in another
+    suite's results, so that the same job is not measured twice."""
+    passes = resolved(SUITES[suite][method], model)
     for other, methods in SUITES.items():
         path = ROOT / "eval" / "results" / f"{other}{suffix}.json"
-        if other == suite or methods.get(method, 0) != SUITES[suite][method] or not path.exists():
+        if not path.exists():
             continue
         for row in json.loads(path.read_text())["rows"]:
-            if (row["model"], row["method"]) == (model, method):
-                return {**row, "note": row.get("note") or f"measured in the {other} suite ({path.name})"}
+            if row["model"] != model or row["method"] not in methods or (other, row["method"]) == (suite, method):
+                continue
+            if same_passes(resolved(methods[row["method"]], model), passes) and not row.get("note"):
+                same = f"'{row['method']}'" + ("" if other == suite else f" in the {other} suite")
+                return {**row, "method": method, "note": f"the same passes as {same} ({path.name})"}
     return None
 
 
@@ -175,8 +196,7 @@ def _run_job(model: str, method: str, passes: list | None, windows: int | None, 
     row = {"model": model, "method": method}
     target = model
     if passes is not None:
-        passes = [{p: {k: GROUP_SIZE[model] if v == GROUP else v for k, v in params.items()}}
-                  for step in passes for p, params in step.items()]
+        passes = resolved(passes, model)
         name = f"{model.removeprefix('bundled:')}-{method.replace(' ', '-').replace('%', 'pct').replace(':', 'of')}"
         recipe = {"model": model, "passes": passes, "output": str(work / name), "calibration": CALIBRATION}
         recipe_path = work / f"{name}.yaml"
