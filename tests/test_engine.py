@@ -9,6 +9,7 @@ from compressor.errors import CompressorError
 from compressor.models import load_model
 from compressor.passes import Pass
 from compressor.passes.prune import Magnitude
+from compressor.passes.quantize import GPTQ, RTN
 
 
 def windows(n=3, length=32, seed=0):
@@ -137,3 +138,21 @@ def test_sink_weight_counts_the_first_token_of_every_window_that_many_times(kind
     torch.testing.assert_close(stats.double(), expected, rtol=1e-5, atol=1e-5)
     plain = collect_stats(layer, {"down": linear}, hidden, layer_kwargs[0], kind, torch.device("cpu"))["down"]
     assert not torch.allclose(plain.double(), expected, rtol=1e-3)
+
+
+
+def test_non_finite_activations_name_the_linear(llama_dir):
+    # layer 0's down_proj, left out of the pass, puts Inf into the residual stream: layer 1 reads NaN/Inf
+    loaded = load_model(str(llama_dir))
+    loaded.model.model.layers[0].mlp.down_proj.weight.data[0, 0] = float("inf")
+    p = GPTQ(bits=4, group_size=32, ignore=[r"re:.*layers\.0\..*"])
+    with pytest.raises(CompressorError, match=r"non-finite calibration activations entering model\.layers\.1\."):
+        compress_model(loaded.model, loaded.adapter, [p], windows(), torch.device("cpu"), progress=False)
+
+
+def test_non_finite_weights_name_the_linear(llama_dir):
+    loaded = load_model(str(llama_dir))
+    loaded.model.model.layers[1].self_attn.k_proj.weight.data[0, 0] = float("nan")
+    with pytest.raises(CompressorError, match=r"model\.layers\.1\.self_attn\.k_proj has NaN or Inf weights"):
+        compress_model(loaded.model, loaded.adapter, [RTN(bits=4, group_size=32)], None, torch.device("cpu"),
+                       progress=False)
