@@ -86,6 +86,25 @@ def test_refinement_without_lrec_is_refused(llama_dir, corpus):
         compressor.compress(recipe_dict(llama_dir, corpus, passes), progress=False)
 
 
+@pytest.mark.parametrize("lrec", [True, False])
+def test_refining_scales_keeps_codes_and_zeros_and_round_trips(llama_dir, corpus, tmp_path, lrec):
+    out = tmp_path / "ckpt"
+    gptq = [{"gptq": {"bits": 2, "group_size": 32}}] + ([{"lrec": {"rank": 8}}] if lrec else [])
+    quantized = compressor.compress(recipe_dict(llama_dir, corpus, gptq), progress=False)
+    refine = [{"lrec_refine": {"steps": 40, "scales": True}}]
+    refined = compressor.compress(recipe_dict(llama_dir, corpus, gptq + refine, out), progress=False)
+    before, after = quantized.model.layers[0].mlp.up_proj, refined.model.layers[0].mlp.up_proj
+    assert torch.equal(before.qweight, after.qweight) and torch.equal(before.zeros, after.zeros)
+    assert not torch.equal(before.scales, after.scales) and after.scales.dtype == torch.float16
+    assert after.rank == (8 if lrec else 0)
+    record = refined.compression_config["modules"]["model.layers.0.mlp.up_proj"][-1]
+    assert record["scales"] and record["relative_error_last"] < 0.9 * record["relative_error_first"]
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(compressor.load(out)(input_ids=ids).logits, refined(input_ids=ids).logits,
+                                   rtol=0, atol=0)
+
+
 def test_alternation_moves_an_outlier_direction_into_the_factors():
     # W = small noise + one large rank-1 direction: the 2-bit grid of W spends its range on the outlier;
     # after a round the factors carry it and the grid is re-fitted to the rest

@@ -7,6 +7,11 @@ dense layer's output on the same inputs (the outputs of the already compressed p
 which also accounts for how the errors of q, k, v, o, gate, up and down combine through attention
 and the MLP. Put it right after `lrec` in the same recipe (it needs the float weights that the
 quantization pass keeps for the duration of the layer).
+
+`scales: true` trains each group's scale as well, as a factor on the stored scale (codes and zero points
+stay as they are), in the spirit of PEQA / EfficientQAT's block-wise training of quantization
+parameters; the scales cost no extra bits, they are stored anyway. With scales trained, a quantized
+linear needs no LREC factors to be refined.
 """
 
 from dataclasses import dataclass
@@ -17,13 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressor.errors import CompressorError
+from compressor.formats import group_index, unpack
 from compressor.nn import QuantLinear
 from compressor.passes.base import LayerPass, ParamError, layer_output
 
 
 @dataclass
 class LRECRefine(LayerPass):
-    """Train the layer's LREC factors to match the dense layer's outputs."""
+    """Train the layer's LREC factors (and with `scales`, the group scales) to match the dense layer's outputs."""
 
     name: ClassVar[str] = "lrec_refine"
     stats: ClassVar[str | None] = "layer"
@@ -32,6 +38,7 @@ class LRECRefine(LayerPass):
 
     steps: int = 100
     lr: float = 1e-3
+    scales: bool = False
 
     def validate(self) -> None:
         if self.steps <= 0:
@@ -43,12 +50,17 @@ class LRECRefine(LayerPass):
                     device: torch.device, names: list[str]) -> tuple[list[torch.Tensor], dict[str, dict], None]:
         linears = {name: model.get_submodule(name) for name in names}
         for name, q in linears.items():
-            if not getattr(q, "rank", 0) or getattr(q, "dense_weight", None) is None:
+            if not (getattr(q, "rank", 0) or self.scales) or getattr(q, "dense_weight", None) is None:
                 raise CompressorError(f"lrec_refine: {name} has no LREC factors or float weights to refine "
-                                      "against; put lrec_refine right after lrec in the same recipe")
-        factors = {name: tuple(t.detach().float().requires_grad_() for t in (q.lora_a, q.lora_b))
+                                      "against; put lrec_refine right after lrec in the same recipe"
+                                      + ("" if self.scales else " (or set `scales: true` to train the scales)"))
+        # what is trained per linear: the factors A, B (when it has them), then a factor on each group's scale
+        trained = {name: [t.detach().float().requires_grad_() for t in (q.lora_a, q.lora_b)] if q.rank else []
                    for name, q in linears.items()}
-        optimizer = torch.optim.Adam([t for pair in factors.values() for t in pair], lr=self.lr)
+        if self.scales:
+            for name, q in linears.items():
+                trained[name].append(torch.ones_like(q.scales, dtype=torch.float32, requires_grad=True))
+        optimizer = torch.optim.Adam([t for ts in trained.values() for t in ts], lr=self.lr)
         losses = []
         try:
             with torch.no_grad():
@@ -56,7 +68,7 @@ class LRECRefine(LayerPass):
                     q.forward = _dense_forward(q)
                 targets = [layer_output(layer, h.to(device), kwargs).cpu() for h in hidden]
             for name, q in linears.items():
-                q.forward = _quantized_forward(q, q.weight_dequantized(torch.float32), *factors[name])
+                q.forward = _quantized_forward(q, self.scales, *trained[name])
             with torch.enable_grad():
                 for step in range(self.steps):
                     j = step % len(hidden)
@@ -69,10 +81,14 @@ class LRECRefine(LayerPass):
         finally:
             for q in linears.values():
                 q.__dict__.pop("forward", None)
-        for name, (a, b) in factors.items():
-            linears[name].set_low_rank(a.detach(), b.detach())
+        with torch.no_grad():
+            for name, q in linears.items():
+                if self.scales:
+                    q.scales.copy_(q.scales.float() * trained[name][-1])
+                if q.rank:
+                    q.set_low_rank(trained[name][0].detach(), trained[name][1].detach())
         window = min(len(hidden), len(losses))  # one pass over the windows, at the start and at the end
-        record = {"pass": self.name, "steps": self.steps, "lr": self.lr,
+        record = {"pass": self.name, "steps": self.steps, "lr": self.lr, "scales": self.scales,
                   "relative_error_first": round(sum(losses[:window]) / window, 6),
                   "relative_error_last": round(sum(losses[-window:]) / window, 6)}
         return hidden, {name: dict(record) for name in linears}, None
@@ -84,7 +100,19 @@ def _dense_forward(q: QuantLinear):
     return forward
 
 
-def _quantized_forward(q: QuantLinear, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
+def _quantized_forward(q: QuantLinear, scales: bool, *trained: torch.Tensor):
+    """q's forward from the trained tensors: [A, B] when q has factors, then the scale factors [out, groups]."""
+    if scales:
+        g = group_index(q.in_features, q.group_size).to(q.qweight.device)
+        centered = unpack(q.qweight, q.bits, q.in_features).float() - q.zeros[:, g].float()  # codes - zero, [out, in]
+        stored = q.scales.float()
+    else:
+        weight = q.weight_dequantized(torch.float32)
+
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, weight.to(x.dtype), q.bias) + (x @ a.to(x.dtype)) @ b.to(x.dtype)
+        w = centered * (stored * trained[-1])[:, g] if scales else weight
+        y = F.linear(x, w.to(x.dtype), q.bias)
+        if q.rank:
+            y = y + (x @ trained[0].to(x.dtype)) @ trained[1].to(x.dtype)
+        return y
     return forward
