@@ -91,13 +91,15 @@ def test_refining_scales_keeps_codes_and_zeros_and_round_trips(llama_dir, corpus
     out = tmp_path / "ckpt"
     gptq = [{"gptq": {"bits": 2, "group_size": 32}}] + ([{"lrec": {"rank": 8}}] if lrec else [])
     quantized = compressor.compress(recipe_dict(llama_dir, corpus, gptq), progress=False)
-    refine = [{"lrec_refine": {"steps": 40, "scales": True}}]
+    refine = [{"lrec_refine": {"steps": 40, "scales": True, "targets": [r"re:model\.layers\.0\..*"]}}]
     refined = compressor.compress(recipe_dict(llama_dir, corpus, gptq + refine, out), progress=False)
     before, after = quantized.model.layers[0].mlp.up_proj, refined.model.layers[0].mlp.up_proj
     assert torch.equal(before.qweight, after.qweight) and torch.equal(before.zeros, after.zeros)
     assert not torch.equal(before.scales, after.scales) and after.scales.dtype == torch.float16
     assert after.rank == (8 if lrec else 0)
-    record = refined.compression_config["modules"]["model.layers.0.mlp.up_proj"][-1]
+    modules = refined.compression_config["modules"]
+    assert modules["model.layers.1.mlp.up_proj"][-1]["pass"] != "lrec_refine"  # a layer the targets leave out
+    record = modules["model.layers.0.mlp.up_proj"][-1]
     assert record["scales"] and record["relative_error_last"] < 0.9 * record["relative_error_first"]
     ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

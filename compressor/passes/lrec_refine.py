@@ -49,6 +49,8 @@ class LRECRefine(LayerPass):
     def apply_layer(self, model, adapter, index: int, layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict,
                     device: torch.device, names: list[str]) -> tuple[list[torch.Tensor], dict[str, dict], None]:
         linears = {name: model.get_submodule(name) for name in names}
+        if not linears:  # targets that leave this layer out
+            return hidden, {}, None
         for name, q in linears.items():
             if not (getattr(q, "rank", 0) or self.scales) or getattr(q, "dense_weight", None) is None:
                 raise CompressorError(f"lrec_refine: {name} has no LREC factors or float weights to refine "
