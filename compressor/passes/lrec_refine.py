@@ -56,13 +56,13 @@ class LRECRefine(LayerPass):
                 raise CompressorError(f"lrec_refine: {name} has no LREC factors or float weights to refine "
                                       "against; put lrec_refine right after lrec in the same recipe"
                                       + ("" if self.scales else " (or set `scales: true` to train the scales)"))
-        # what is trained per linear: the factors A, B (when it has them), then a factor on each group's scale
-        trained = {name: [t.detach().float().requires_grad_() for t in (q.lora_a, q.lora_b)] if q.rank else []
-                   for name, q in linears.items()}
-        if self.scales:
-            for name, q in linears.items():
-                trained[name].append(torch.ones_like(q.scales, dtype=torch.float32, requires_grad=True))
-        optimizer = torch.optim.Adam([t for ts in trained.values() for t in ts], lr=self.lr)
+        # trained: the factors A, B of the linears that have them; with `scales`, a factor on each group's scale
+        factors = {name: tuple(t.detach().float().requires_grad_() for t in (q.lora_a, q.lora_b))
+                   for name, q in linears.items() if q.rank}
+        scale_factors = {name: torch.ones_like(q.scales, dtype=torch.float32, requires_grad=True)
+                         for name, q in linears.items()} if self.scales else {}
+        optimizer = torch.optim.Adam([t for pair in factors.values() for t in pair] + list(scale_factors.values()),
+                                     lr=self.lr)
         losses = []
         try:
             with torch.no_grad():
@@ -70,7 +70,7 @@ class LRECRefine(LayerPass):
                     q.forward = _dense_forward(q)
                 targets = [layer_output(layer, h.to(device), kwargs).cpu() for h in hidden]
             for name, q in linears.items():
-                q.forward = _quantized_forward(q, self.scales, *trained[name])
+                q.forward = _quantized_forward(q, factors.get(name), scale_factors.get(name))
             with torch.enable_grad():
                 for step in range(self.steps):
                     j = step % len(hidden)
@@ -84,11 +84,10 @@ class LRECRefine(LayerPass):
             for q in linears.values():
                 q.__dict__.pop("forward", None)
         with torch.no_grad():
-            for name, q in linears.items():
-                if self.scales:
-                    q.scales.copy_(q.scales.float() * trained[name][-1])
-                if q.rank:
-                    q.set_low_rank(trained[name][0].detach(), trained[name][1].detach())
+            for name, m in scale_factors.items():
+                linears[name].scales.copy_(linears[name].scales.float() * m)
+            for name, (a, b) in factors.items():
+                linears[name].set_low_rank(a.detach(), b.detach())
         window = min(len(hidden), len(losses))  # one pass over the windows, at the start and at the end
         record = {"pass": self.name, "steps": self.steps, "lr": self.lr, "scales": self.scales,
                   "relative_error_first": round(sum(losses[:window]) / window, 6),
@@ -102,9 +101,11 @@ def _dense_forward(q: QuantLinear):
     return forward
 
 
-def _quantized_forward(q: QuantLinear, scales: bool, *trained: torch.Tensor):
-    """q's forward from the trained tensors: [A, B] when q has factors, then the scale factors [out, groups]."""
-    if scales:
+def _quantized_forward(q: QuantLinear, factors: tuple[torch.Tensor, torch.Tensor] | None,
+                       scale_factor: torch.Tensor | None):
+    """q's forward with trained factors A [in, rank], B [rank, out] and a trained factor [out, groups] on its
+    scales (each None when not trained)."""
+    if scale_factor is not None:
         g = group_index(q.in_features, q.group_size).to(q.qweight.device)
         centered = unpack(q.qweight, q.bits, q.in_features).float() - q.zeros[:, g].float()  # codes - zero, [out, in]
         stored = q.scales.float()
@@ -112,9 +113,9 @@ def _quantized_forward(q: QuantLinear, scales: bool, *trained: torch.Tensor):
         weight = q.weight_dequantized(torch.float32)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        w = centered * (stored * trained[-1])[:, g] if scales else weight
+        w = weight if scale_factor is None else centered * (stored * scale_factor)[:, g]
         y = F.linear(x, w.to(x.dtype), q.bias)
-        if q.rank:
-            y = y + (x @ trained[0].to(x.dtype)) @ trained[1].to(x.dtype)
+        if factors is not None:
+            y = y + (x @ factors[0].to(x.dtype)) @ factors[1].to(x.dtype)
         return y
     return forward
