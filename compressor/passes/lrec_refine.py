@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressor.errors import CompressorError
-from compressor.formats import group_index, unpack
+from compressor.formats import dequantize, group_index
 from compressor.nn import QuantLinear
 from compressor.passes.base import LayerPass, ParamError, layer_output
 
@@ -107,8 +107,9 @@ def _quantized_forward(q: QuantLinear, factors: tuple[torch.Tensor, torch.Tensor
     scales (each None when not trained)."""
     if scale_factor is not None:
         g = group_index(q.in_features, q.group_size).to(q.qweight.device)
-        centered = unpack(q.qweight, q.bits, q.in_features).float() - q.zeros[:, g].float()  # codes - zero, [out, in]
         stored = q.scales.float()
+        centered = dequantize(q.qweight, torch.ones_like(stored), q.zeros, q.bits, q.group_size,
+                              q.in_features)  # codes - zero, [out, in]
     else:
         weight = q.weight_dequantized(torch.float32)
 
