@@ -226,7 +226,7 @@ def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[
                 x = x.reshape(-1, x.shape[-1])  # [tokens, in]
                 if kind == "input_sq_norms":
                     x = x.to(torch.float64)
-                    stat = (x * x).sum(dim=0)  # x * x: the same sums as x**2, in half the time
+                    stat = (x * x).sum(dim=0)
                 else:
                     x = x.to(torch.float32)
                     stat = x.T @ x

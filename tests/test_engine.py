@@ -140,7 +140,6 @@ def test_sink_weight_counts_the_first_token_of_every_window_that_many_times(kind
     assert not torch.allclose(plain.double(), expected, rtol=1e-3)
 
 
-
 def test_non_finite_activations_name_the_linear(llama_dir):
     # layer 0's down_proj, left out of the pass, puts Inf into the residual stream: layer 1 reads NaN/Inf
     loaded = load_model(str(llama_dir))
