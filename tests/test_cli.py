@@ -62,6 +62,8 @@ BAD_RECIPES = {
     "sparsegpt block vs M": ({"passes": [{"sparsegpt": {"pattern": "2:3"}}]}, "multiple of M = 3"),
     "bits 5": ({"passes": [{"gptq": {"bits": 5}}]}, "passes[0].gptq.bits: got 5; allowed: 2, 3, 4, 8"),
     "gptq sink weight 0": ({"passes": [{"gptq": {"sink_weight": 0}}]}, "passes[0].gptq.sink_weight: got 0"),
+    "sparsegpt sink weight -1": ({"passes": [{"sparsegpt": {"sparsity": 0.5, "sink_weight": -1}}]},
+                                 "passes[0].sparsegpt.sink_weight: got -1"),
     "lrec rank 0": ({"passes": [{"rtn": {"bits": 2}}, {"lrec": {"rank": 0}}]}, "passes[1].lrec.rank"),
     "slice fraction 0": ({"passes": [{"slice": {"fraction": 0}}]}, "passes[0].slice.fraction: got 0"),
     "slice fraction 1": ({"passes": [{"slice": {"fraction": 1.0}}]}, "allowed: a number in (0, 1)"),

@@ -15,7 +15,7 @@ from torch import nn
 from compressor.errors import CompressorError
 from compressor.nn import SparseLinear
 from compressor.passes.base import ParamError, Pass
-from compressor.passes.quantize import check_damp, inverse_hessian_cholesky
+from compressor.passes.quantize import check_damp, check_sink_weight, inverse_hessian_cholesky
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -154,13 +154,17 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, nm: 
 
 @dataclass
 class SparseGPT(_Prune):
-    """Prune with SparseGPT's OBS updates: the kept weights change to make up for the pruned ones."""
+    """Prune with SparseGPT's OBS updates: the kept weights change to make up for the pruned ones.
+
+    `sink_weight`: the first token of every calibration window counts this many times in the Hessian,
+    as in GPTQ (see `compressor.passes.quantize.GPTQ`)."""
 
     name: ClassVar[str] = "sparsegpt"
     stats: ClassVar[str | None] = "hessian"
 
     damp: float = 0.01
     block_size: int = 128
+    sink_weight: float = 1.0
 
     def validate(self) -> None:
         super().validate()
@@ -168,6 +172,7 @@ class SparseGPT(_Prune):
         if nm and self.block_size % nm[1]:
             raise ParamError("block_size", f"must be a multiple of M = {nm[1]} for pattern {self.pattern}")
         check_damp(self.damp)
+        check_sink_weight(self.sink_weight)
 
     @torch.no_grad()
     def apply(self, name: str, linear: nn.Linear, hessian: torch.Tensor) -> tuple[nn.Module, dict]:
