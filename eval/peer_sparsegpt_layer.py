@@ -1,0 +1,68 @@
+"""Our SparseGPT against llm-compressor's on single linears: same weight, same Hessian, both algorithms.
+
+Run with the peer's environment (it imports llm-compressor):
+    .peer/bin/python eval/peer_sparsegpt_layer.py [--windows 8] [--layers 3 10 20]
+Prints, for each linear and pattern, both output errors tr(D H D^T) (D = W - W_pruned), the fraction of
+weights whose kept/pruned state differs and the largest weight difference. The Hessians are the dense
+model's (no earlier layer pruned), from the engine's own statistics pass.
+"""
+
+import argparse
+
+import torch
+from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import sparsify_weight
+
+from compressor.data import calibration_windows, load_documents
+from compressor.engine import capture_layer_inputs, collect_stats, run_layer
+from compressor.models import load_model
+from compressor.passes.prune import sparsegpt
+
+PATTERNS = {"50%": (0.5, None), "2:4": (0.5, (2, 4)), "4:8": (0.5, (4, 8))}
+
+
+def output_error(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
+    diff = weight - pruned  # [out, in]
+    return (diff @ hessian * diff).sum().item()
+
+
+def peer_sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, nm: tuple[int, int] | None):
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight.data = weight.clone()
+    n, m = nm or (0, 0)
+    # llm-compressor's prune_n is how many of every m to prune; for 2:4 and 4:8 that equals the kept count
+    _, pruned = sparsify_weight(linear, {linear: hessian.clone()}, sparsity, m - n if nm else 0, m, 128, 0.01, False)
+    return pruned.float()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="bundled:smollm2-135m")
+    parser.add_argument("--windows", type=int, default=8, help="calibration windows of 2048 tokens")
+    parser.add_argument("--layers", type=int, nargs="+", default=[3, 10, 20])
+    args = parser.parse_args()
+    loaded = load_model(args.model)
+    ids = calibration_windows(loaded.tokenizer, load_documents("bundled:wikileads", "calibration"),
+                              args.windows, 2048, 0)
+    hidden, kwargs = capture_layer_inputs(loaded.model, loaded.adapter, ids)
+    layers = loaded.adapter.decoder_layers(loaded.model)
+    print("| layer | linear | pattern | ours tr(DHD^T) | llm-compressor | kept/pruned differ | max weight diff |")
+    print("|---|---|---|---|---|---|---|")
+    for i, layer in enumerate(layers[:max(args.layers) + 1]):
+        if i in args.layers:
+            linears = {name: layer.get_submodule(name) for name in ("self_attn.q_proj", "self_attn.o_proj",
+                                                                     "mlp.down_proj")}
+            hessians = collect_stats(layer, linears, hidden, kwargs[i], "hessian", torch.device("cpu"))
+            for name, linear in linears.items():
+                weight = linear.weight.data.float()
+                for label, (sparsity, nm) in PATTERNS.items():
+                    ours = sparsegpt(weight, hessians[name], sparsity, nm)
+                    peer = peer_sparsegpt(weight, hessians[name], sparsity, nm)
+                    differ = ((ours == 0) != (peer == 0)).float().mean().item()
+                    print(f"| {i} | {name} | {label} | {output_error(weight, ours, hessians[name]):.5g} | "
+                          f"{output_error(weight, peer, hessians[name]):.5g} | {differ:.2e} | "
+                          f"{(ours - peer).abs().max().item():.3g} |", flush=True)
+        hidden = [run_layer(layer, h, kwargs[i], torch.device("cpu")) for h in hidden]
+
+
+if __name__ == "__main__":
+    main()
