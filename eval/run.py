@@ -273,6 +273,14 @@ def machine_line(rows: list[dict]) -> str:
             f"transformers {versions('transformers')}, float32, CPU")
 
 
+def conditions_text(saved: dict, args: argparse.Namespace) -> str:
+    """The file's conditions: the saved text (or --conditions), with --add-conditions added once."""
+    text = saved.get("conditions", "") if args.conditions is None else args.conditions
+    if args.add_conditions and args.add_conditions not in text:
+        text = f"{text} {args.add_conditions}".strip()
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("suite", choices=list(SUITES))
@@ -281,6 +289,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", help="a subset of the suite's methods")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md from the .json")
     parser.add_argument("--conditions", help="what else ran on the machine meanwhile (replaces the file's text)")
+    parser.add_argument("--add-conditions", help="a sentence added once to the file's text (queues running side "
+                                                 "by side each add theirs without overwriting the other's)")
     args = parser.parse_args()
     methods = SUITES[args.suite]
     for method in args.methods or []:
@@ -292,9 +302,8 @@ def main() -> None:
     command = " ".join(["python eval/run.py", args.suite] + (["--windows", str(args.windows)] if args.windows else []))
     saved = saved_results(stem)
     rows = saved.get("rows", [])
-    conditions = saved.get("conditions", "") if args.conditions is None else args.conditions
     if args.render:
-        write(in_suite_order(rows, methods), stem, command, conditions)
+        write(in_suite_order(rows, methods), stem, command, conditions_text(saved, args))
         return
     done = {(r["model"], r["method"]) for r in rows}
     # Checkpoints go to a temporary folder, deleted after a clean run and kept (and named) after a failure.
@@ -313,7 +322,7 @@ def main() -> None:
             # re-read: another run of this suite (a second queue) may have added rows or conditions meanwhile
             saved = saved_results(stem)
             rows = in_suite_order(saved.get("rows", []) + [row], methods)
-            write(rows, stem, command, saved.get("conditions", "") if args.conditions is None else conditions)
+            write(rows, stem, command, conditions_text(saved, args))
     shutil.rmtree(tmp)
 
 
