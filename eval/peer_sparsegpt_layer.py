@@ -11,6 +11,7 @@ import argparse
 
 import torch
 from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import sparsify_weight
+from run import CALIBRATION
 
 from compressor.data import calibration_windows, load_documents
 from compressor.engine import capture_layer_inputs, collect_stats, run_layer
@@ -28,9 +29,9 @@ def output_error(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tens
 def peer_sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, nm: tuple[int, int] | None):
     linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     linear.weight.data = weight.clone()
-    n, m = nm or (0, 0)
-    # llm-compressor's prune_n is how many of every m to prune; for 2:4 and 4:8 that equals the kept count
-    _, pruned = sparsify_weight(linear, {linear: hessian.clone()}, sparsity, m - n if nm else 0, m, 128, 0.01, False)
+    kept, m = nm or (0, 0)  # (0, 0): unstructured
+    # llm-compressor's prune_n counts the pruned weights of every m (for 2:4 and 4:8 the same as the kept ones)
+    _, pruned = sparsify_weight(linear, {linear: hessian.clone()}, sparsity, m - kept, m, 128, 0.01, False)
     return pruned.float()
 
 
@@ -41,8 +42,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[3, 10, 20])
     args = parser.parse_args()
     loaded = load_model(args.model)
-    ids = calibration_windows(loaded.tokenizer, load_documents("bundled:wikileads", "calibration"),
-                              args.windows, 2048, 0)
+    ids = calibration_windows(loaded.tokenizer, load_documents(CALIBRATION["dataset"], "calibration"),
+                              args.windows, CALIBRATION["seqlen"], CALIBRATION["seed"])
     hidden, kwargs = capture_layer_inputs(loaded.model, loaded.adapter, ids)
     layers = loaded.adapter.decoder_layers(loaded.model)
     print("| layer | linear | pattern | ours tr(DHD^T) | llm-compressor | kept/pruned differ | max weight diff |")

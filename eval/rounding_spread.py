@@ -10,12 +10,14 @@ import json
 import time
 
 import torch
+from run import CALIBRATION  # the benchmark's calibration, so the two orders compare with its rows
 
 from compressor.data import calibration_windows, load_documents
 from compressor.engine import compress_model
+from compressor.errors import CompressorError
 from compressor.evaluate import perplexity
 from compressor.models import load_model
-from compressor.passes import PASSES
+from compressor.recipe import parse_recipe
 
 
 def main() -> None:
@@ -26,17 +28,23 @@ def main() -> None:
     parser.add_argument("--order", choices=["forward", "reversed"], default="reversed")
     parser.add_argument("--windows", type=int, help="first N eval windows only (quick runs)")
     args = parser.parse_args()
-    (name, params), = json.loads(args.step).items()
+    try:  # the recipe parser's checks and messages, as `compress run` gives them
+        passes = parse_recipe({"model": args.model, "passes": [json.loads(args.step)]}, "--pass").passes
+    except json.JSONDecodeError as error:
+        parser.error(f"--pass is not JSON: {error}")
+    except CompressorError as error:
+        parser.error(str(error))
     loaded = load_model(args.model)
-    ids = calibration_windows(loaded.tokenizer, load_documents("bundled:wikileads", "calibration"), 64, 2048, 0)
+    ids = calibration_windows(loaded.tokenizer, load_documents(CALIBRATION["dataset"], "calibration"),
+                              CALIBRATION["samples"], CALIBRATION["seqlen"], CALIBRATION["seed"])
     if args.order == "reversed":
         ids = ids.flip(0)
     start = time.perf_counter()
-    compress_model(loaded.model, loaded.adapter, [PASSES[name](**params)], ids, torch.device("cpu"), progress=False)
+    compress_model(loaded.model, loaded.adapter, passes, ids, torch.device("cpu"), progress=False)
     compress_wall = time.perf_counter() - start
     result = perplexity(loaded.model, loaded.tokenizer, windows=args.windows, progress=False)
-    print(json.dumps({"model": args.model, "pass": {name: params}, "calibration order": args.order,
-                      "calibration": "wikileads-calib-v1, 64 x 2048, seed 0", **result,
+    print(json.dumps({"model": args.model, "pass": json.loads(args.step), "calibration order": args.order,
+                      "calibration": CALIBRATION, **result,
                       "compress_wall_s": round(compress_wall, 1)}), flush=True)
 
 
