@@ -29,13 +29,14 @@ from datasets import Dataset
 from llmcompressor import oneshot
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+from run import CALIBRATION  # the benchmark's calibration, so peer rows compare with ours
 
 from compressor.data import calibration_windows, load_documents
 from compressor.evaluate import perplexity
 from compressor.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-SEQLEN, SEED = 2048, 0
+SEQLEN, SEED = CALIBRATION["seqlen"], CALIBRATION["seed"]
 IGNORE = ["re:.*lm_head"]  # its names end in a dot here ("lm_head."), so a plain "lm_head" does not match
 PRUNING = [("50%", {"sparsity": 0.5}), ("2:4", {"sparsity": 0.5, "mask_structure": "2:4"}),
            ("4:8", {"sparsity": 0.5, "mask_structure": "4:8"}), ("60%", {"sparsity": 0.6}), ("70%", {"sparsity": 0.7})]
@@ -59,7 +60,7 @@ METHODS = {
 
 def run(model_source: str, method: str, samples: int, windows: int | None) -> dict:
     loaded = load_model(model_source)
-    ids = calibration_windows(loaded.tokenizer, load_documents("bundled:wikileads", "calibration"),
+    ids = calibration_windows(loaded.tokenizer, load_documents(CALIBRATION["dataset"], "calibration"),
                               samples, SEQLEN, SEED)
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     recipe = METHODS[method]()
@@ -96,7 +97,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="bundled:smollm2-135m")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), required=True)
-    parser.add_argument("--samples", type=int, default=64, help="calibration windows (64 in every comparison)")
+    parser.add_argument("--samples", type=int, default=CALIBRATION["samples"],
+                        help="calibration windows (default: the benchmark's)")
     parser.add_argument("--windows", type=int, help="first N eval windows only (quick runs)")
     parser.add_argument("--conditions", default="", help="what else ran on the machine meanwhile")
     args = parser.parse_args()
