@@ -29,9 +29,8 @@ from datasets import Dataset
 from llmcompressor import oneshot
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
-from run import CALIBRATION  # the benchmark's calibration, so peer rows compare with ours
+from run import CALIBRATION, calibration_ids  # the benchmark's calibration, so peer rows compare with ours
 
-from compressor.data import calibration_windows, load_documents
 from compressor.evaluate import perplexity
 from compressor.models import load_model
 
@@ -60,8 +59,7 @@ METHODS = {
 
 def run(model_source: str, method: str, samples: int, windows: int | None) -> dict:
     loaded = load_model(model_source)
-    ids = calibration_windows(loaded.tokenizer, load_documents(CALIBRATION["dataset"], "calibration"),
-                              samples, SEQLEN, SEED)
+    ids = calibration_ids(loaded.tokenizer, samples)
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     recipe = METHODS[method]()
     start = time.perf_counter()

@@ -11,9 +11,8 @@ import argparse
 
 import torch
 from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import sparsify_weight
-from run import CALIBRATION
+from run import calibration_ids
 
-from compressor.data import calibration_windows, load_documents
 from compressor.engine import capture_layer_inputs, collect_stats, run_layer
 from compressor.models import load_model
 from compressor.passes.prune import sparsegpt
@@ -42,8 +41,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[3, 10, 20])
     args = parser.parse_args()
     loaded = load_model(args.model)
-    ids = calibration_windows(loaded.tokenizer, load_documents(CALIBRATION["dataset"], "calibration"),
-                              args.windows, CALIBRATION["seqlen"], CALIBRATION["seed"])
+    ids = calibration_ids(loaded.tokenizer, args.windows)
     hidden, kwargs = capture_layer_inputs(loaded.model, loaded.adapter, ids)
     layers = loaded.adapter.decoder_layers(loaded.model)
     print("| layer | linear | pattern | ours tr(DHD^T) | llm-compressor | kept/pruned differ | max weight diff |")

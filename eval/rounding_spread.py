@@ -10,9 +10,8 @@ import json
 import time
 
 import torch
-from run import CALIBRATION  # the benchmark's calibration, so the two orders compare with its rows
+from run import CALIBRATION, calibration_ids  # the benchmark's calibration, so the two orders compare with its rows
 
-from compressor.data import calibration_windows, load_documents
 from compressor.engine import compress_model
 from compressor.errors import CompressorError
 from compressor.evaluate import perplexity
@@ -35,8 +34,7 @@ def main() -> None:
     except CompressorError as error:
         parser.error(str(error))
     loaded = load_model(args.model)
-    ids = calibration_windows(loaded.tokenizer, load_documents(CALIBRATION["dataset"], "calibration"),
-                              CALIBRATION["samples"], CALIBRATION["seqlen"], CALIBRATION["seed"])
+    ids = calibration_ids(loaded.tokenizer)
     if args.order == "reversed":
         ids = ids.flip(0)
     start = time.perf_counter()

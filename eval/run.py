@@ -116,6 +116,16 @@ SUITES = {
 }
 
 
+
+def calibration_ids(tokenizer, samples: int = CALIBRATION["samples"]):
+    """The benchmark's calibration windows, [samples, seqlen] token ids (for the scripts that run a pass
+    themselves instead of through a recipe)."""
+    from compressor.data import calibration_windows, load_documents
+
+    return calibration_windows(tokenizer, load_documents(CALIBRATION["dataset"], "calibration"), samples,
+                               CALIBRATION["seqlen"], CALIBRATION["seed"])
+
+
 def resolved(passes: list | None, model: str) -> list | None:
     """The suite's passes with GROUP replaced by the model's group size, one pass per step."""
     if passes is None:
