@@ -39,8 +39,12 @@ def unavailable_reason() -> str | None:
     return _unavailable
 
 
-def supports(bits: int, group_size: int, x: torch.Tensor) -> bool:
-    return bits in (2, 4) and group_size % (32 // bits) == 0 and x.dtype in (torch.float16, torch.bfloat16)
+K_MULTIPLE = 64  # cuda/qgemv.h kKMultiple: the kernels read x in 16-byte vectors from aligned rows
+
+
+def supports(bits: int, group_size: int, in_features: int, x: torch.Tensor) -> bool:
+    return (bits in (2, 4) and group_size % (32 // bits) == 0 and in_features % K_MULTIPLE == 0
+            and in_features // (32 // bits) < 2**22 and x.dtype in (torch.float16, torch.bfloat16))
 
 
 _warned = False

@@ -45,6 +45,7 @@ torch::Tensor qmatmul(torch::Tensor x, torch::Tensor qweight, torch::Tensor scal
                       int64_t group_size, int64_t stream) {
   const int K = x.size(-1), N = qweight.size(0);
   auto x2 = x.reshape({-1, K}).contiguous();
+  if (reinterpret_cast<uintptr_t>(x2.data_ptr()) % 16 != 0) x2 = x2.clone();  // the kernel reads 16-byte vectors
   check(x2, qweight, scales, zeros);
   const int M = x2.size(0);
   auto out_shape = x.sizes().vec();

@@ -51,8 +51,9 @@ class QuantLinear(nn.Module):
         """x dequant(W)^T through the CUDA kernels (compressor/kernels.py), or None to use the reference."""
         from compressor import kernels
 
-        if not kernels.supports(self.bits, self.group_size, x):
-            kernels.warn_fallback(f"{self.bits}-bit, group {self.group_size}, {x.dtype} has no kernel")
+        if not kernels.supports(self.bits, self.group_size, self.in_features, x):
+            kernels.warn_fallback(f"{self.bits}-bit, group {self.group_size}, {self.in_features} inputs, {x.dtype} "
+                                  f"has no kernel (bits 2/4, inputs a multiple of {kernels.K_MULTIPLE}, fp16/bf16)")
             return None
         ext = kernels.extension()
         if ext is None:
