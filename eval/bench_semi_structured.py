@@ -51,9 +51,10 @@ def main() -> None:
     stem.with_suffix(".json").write_text(json.dumps({"device": device, "torch": torch.__version__, "rows": rows},
                                                     indent=2) + "\n")
     lines = [f"# 2:4 semi-structured SparseLinear on {device}", "",
-             f"Reproduce: `python eval/bench_semi_structured.py` (torch {torch.__version__}). float16, no bias; dense = nn.Linear on the same "
-             "2:4-pruned weight. Median of 50 timed calls after 10 warm-ups (CUDA events), each call from Python "
-             "(the CPU's launch overhead included); graph: one call of 20 captured in a CUDA graph (GPU time).", "",
+             f"Reproduce: `python eval/bench_semi_structured.py` (torch {torch.__version__}). float16, no bias; "
+             "dense = nn.Linear on the same 2:4-pruned weight. Median of 50 timed calls after 10 warm-ups "
+             "(CUDA events), each call from Python (the CPU's launch overhead included); graph: one call of 20 "
+             "captured in a CUDA graph (GPU time).", "",
              "| shape | K | N | M | dense ms | SparseLinear 2:4 ms | speedup | cuSPARSELt 2:4 ms | speedup | "
              "dense graph ms | 2:4 graph ms | speedup |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['shape']} | {r['K']} | {r['N']} | {r['M']} | {r['dense_ms']:.4f} | {r['sparse_ms']:.4f} | "

@@ -1,5 +1,6 @@
-"""The CUDA kernels build on every machine with nvcc (no GPU needed), and the header's unpacking
-agrees with the Python packer. Skipped, saying why, where nvcc or a C++ compiler is missing."""
+"""The CUDA kernels build on every machine with nvcc (no GPU needed), the header's unpacking
+agrees with the Python packer, and QuantLinear sends the kernels only what they support. The build
+checks are skipped, saying why, where nvcc or a C++ compiler is missing."""
 
 import os
 import shutil
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from compressor import kernels
 from compressor.formats import pack
 from compressor.kernels import ARCH_FLAGS
 
@@ -59,3 +61,16 @@ def test_header_unpacks_what_python_packs(unpack_check, bits, in_features):
     result = subprocess.run([str(unpack_check)], input=stdin, capture_output=True, text=True)
     assert result.returncode == 0, result.returncode
     assert list(map(int, result.stdout.split())) == codes[0].tolist()
+
+
+@pytest.mark.parametrize("bits,group_size,in_features,dtype,expected", [
+    (4, 128, 576, torch.float16, True), (2, 64, 1536, torch.bfloat16, True),
+    (4, 4, 576, torch.float16, False),  # a group smaller than one packed word
+    (3, 128, 576, torch.float16, False), (8, 128, 576, torch.float16, False),  # no 3- or 8-bit kernel
+    (4, 128, 600, torch.float16, False),  # in_features not a multiple of 64: x rows are read in 16-byte vectors
+    (4, 128, 576, torch.float32, False),
+])
+def test_kernel_support_matches_the_kernels_limits(bits, group_size, in_features, dtype, expected):
+    """QuantLinear sends to the kernels only what cuda/qgemv.cu's supported() accepts; the rest takes the
+    reference path instead of failing in the launcher."""
+    assert kernels.supports(bits, group_size, in_features, torch.empty(1, in_features, dtype=dtype)) is expected
