@@ -5,7 +5,8 @@
 // 32/BITS codes become floats once and meet the matching 32/BITS entries of each row of x, read as
 // 16-byte vectors (again contiguous across the warp); a warp shuffle reduces. MT, the row count fixed
 // at compile time (1, 2, 4, 8 or 16, at least M), keeps the accumulators in registers. The kernel
-// reads each weight byte once, so at small M it is bound by memory bandwidth.
+// reads each weight byte once, but its per-code arithmetic, not memory, bounds it: on an H200 it
+// reaches 22-35% of the copy bandwidth at M = 1 (eval/results/kernels-history.md).
 // Large batch: dequantize once into x's dtype (16-byte stores), then a dense (cuBLAS) matmul, done by
 // the caller. Both need K % kKMultiple == 0: whole x vectors and 16-byte aligned rows.
 #include <cuda_bf16.h>
@@ -83,16 +84,18 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
         const int g = __float2int_rz((static_cast<float>(w) + 0.5f) * groups_per_word);  // one word, one group
         const float scale = to_float(row_scales[g]);
         const float offset = 8388608.f + static_cast<float>(row_zeros[g]);  // 2^23 + zero, exact
-        float w[kPerWord];
+        float weight[kPerWord];
 #pragma unroll
-        for (int i = 0; i < kPerWord; ++i) w[i] = (code_plus_2_23(code_in_word<BITS>(packed[u], i)) - offset) * scale;
+        for (int i = 0; i < kPerWord; ++i) {
+          weight[i] = (code_plus_2_23(code_in_word<BITS>(packed[u], i)) - offset) * scale;
+        }
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
           if (m < M) {
             float xv[kPerWord];
             load_floats<T, kPerWord>(x + static_cast<size_t>(m) * K + k0, xv);
 #pragma unroll
-            for (int i = 0; i < kPerWord; ++i) acc[m] = fmaf(w[i], xv[i], acc[m]);
+            for (int i = 0; i < kPerWord; ++i) acc[m] = fmaf(weight[i], xv[i], acc[m]);
           }
         }
       }

@@ -10,7 +10,7 @@ enum class DType { kFloat16, kBFloat16 };
 constexpr int kMaxSmallBatch = 16;  // rows of x the streaming kernel handles
 constexpr int kKMultiple = 64;      // K must be a multiple: whole 16-byte vectors of x, aligned rows
 
-// y [M, N] = x [M, K] * dequant(qweight)^T, M <= kMaxSmallBatch. qweight int32 [N, ceil(K*bits/32)],
+// y [M, N] = x [M, K] * dequant(qweight)^T, M <= kMaxSmallBatch. qweight int32 [N, K*bits/32],
 // scales [N, groups] (x's dtype), zeros uint8 [N, groups]; bits 2 or 4; group_size a multiple of 32/bits;
 // K a multiple of kKMultiple; x 16-byte aligned.
 cudaError_t launch_qgemv(DType dtype, int bits, const void* x, const int32_t* qweight, const void* scales,
