@@ -93,9 +93,6 @@ def main() -> None:
                                  "GBps": weight_bytes / g_q / 1e6 if g_q else None, "copy_GBps": copy,
                                  "bandwidth_fraction": weight_bytes / g_q / 1e6 / copy if g_q else None})
                     print(rows[-1], flush=True)
-    stem = ROOT / "eval" / "results" / f"kernels-{device.replace(' ', '-')}"
-    stem.with_suffix(".json").write_text(json.dumps({"device": device, "torch": torch.__version__, "rows": rows},
-                                                    indent=2) + "\n")
     command = " ".join(["python eval/bench_kernels.py", *sys.argv[1:]])
     lines = [f"# Kernels on {device}", "", f"Reproduce: `{command}` (torch {torch.__version__})", "",
              f"Copy bandwidth (read + write): {copy:.0f} GB/s. Weight bytes include scales, zeros, factors. "
@@ -109,6 +106,14 @@ def main() -> None:
               f"{fmt(r['graph_speedup'], '.2f')}x | {fmt(r['GBps'], '.0f')} | "
               f"{fmt(r['bandwidth_fraction'], '.0%')} |"
               for r in rows]
+    write_results("kernels", device, rows, lines)
+
+
+def write_results(name: str, device: str, rows: list[dict], lines: list[str]) -> None:
+    """eval/results/<name>-<device>.json (the rows) and .md (`lines`, the readable table)."""
+    stem = ROOT / "eval" / "results" / f"{name}-{device.replace(' ', '-')}"
+    stem.with_suffix(".json").write_text(json.dumps({"device": device, "torch": torch.__version__, "rows": rows},
+                                                    indent=2) + "\n")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

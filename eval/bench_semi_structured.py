@@ -7,7 +7,6 @@ Writes eval/results/semi-structured-<device>.md/.json.
     python eval/bench_semi_structured.py
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from compressor.nn import SparseLinear  # noqa: E402
 from compressor.passes.prune import nm_keep_mask  # noqa: E402
-from eval.bench_kernels import fmt, graph_ms, time_ms  # noqa: E402
+from eval.bench_kernels import fmt, graph_ms, time_ms, write_results  # noqa: E402
 from tests.test_kernels_gpu import SHAPES  # noqa: E402  (shapes shared with the kernel benchmark)
 
 MS = [1, 16, 128, 512, 2048]
@@ -47,9 +46,6 @@ def main() -> None:
                          "graph_sparse_ms": g_sparse,
                          "graph_speedup": g_dense / g_sparse if g_dense and g_sparse else None})
             print(rows[-1], flush=True)
-    stem = ROOT / "eval" / "results" / f"semi-structured-{device.replace(' ', '-')}"
-    stem.with_suffix(".json").write_text(json.dumps({"device": device, "torch": torch.__version__, "rows": rows},
-                                                    indent=2) + "\n")
     lines = [f"# 2:4 semi-structured SparseLinear on {device}", "",
              f"Reproduce: `python eval/bench_semi_structured.py` (torch {torch.__version__}). float16, no bias; "
              "dense = nn.Linear on the same 2:4-pruned weight. Median of 50 timed calls after 10 warm-ups "
@@ -62,7 +58,7 @@ def main() -> None:
               f"{fmt(r['graph_dense_ms'], '.4f')} | {fmt(r['graph_sparse_ms'], '.4f')} | "
               f"{fmt(r['graph_speedup'], '.2f')}x |"
               for r in rows]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results("semi-structured", device, rows, lines)
 
 
 if __name__ == "__main__":

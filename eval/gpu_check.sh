@@ -14,7 +14,8 @@ log=$OUT/gpu-check.log
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   nvcc --version | tail -2
-  $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
+  $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+           'transformers', transformers.__version__)"
   start=$SECONDS
   $PY -c "from compressor import kernels; assert kernels.extension() is not None, kernels.unavailable_reason()" \
     && echo "kernels built in $((SECONDS - start)) s"

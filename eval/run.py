@@ -116,7 +116,6 @@ SUITES = {
 }
 
 
-
 def calibration_ids(tokenizer, samples: int = CALIBRATION["samples"]):
     """The benchmark's calibration windows, [samples, seqlen] token ids (for the scripts that run a pass
     themselves instead of through a recipe)."""

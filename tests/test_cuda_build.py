@@ -13,7 +13,6 @@ import torch
 
 from compressor import kernels
 from compressor.formats import pack
-from compressor.kernels import ARCH_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = ROOT / "cuda"
@@ -22,7 +21,7 @@ CUDA = ROOT / "cuda"
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_kernels_compile_for_sm80_and_sm90(tmp_path):
     obj = tmp_path / "qgemv.o"
-    subprocess.run(["nvcc", "-O3", "-std=c++17", "-c", str(CUDA / "qgemv.cu"), *ARCH_FLAGS, "-o", str(obj)],
+    subprocess.run(["nvcc", "-O3", "-std=c++17", "-c", str(CUDA / "qgemv.cu"), *kernels.ARCH_FLAGS, "-o", str(obj)],
                    check=True, capture_output=True, text=True)
     data = obj.read_bytes()  # the fat binary names each architecture it holds code for
     assert b"sm_80" in data and b"sm_90" in data
