@@ -83,6 +83,7 @@ def compress_model(model: PreTrainedModel, adapter: Adapter, passes: list[Pass],
         raise CompressorError("these passes need calibration data but none was given")
     layers = adapter.decoder_layers(model)
     records: dict[str, list[dict]] = defaultdict(list)
+    hidden: list[torch.Tensor] = []  # the inputs of the layer being compressed, one per window
     if needs_data:
         hidden, layer_kwargs = capture_layer_inputs(model, adapter, windows)
     bar = tqdm(total=len(layers) * len(passes), disable=not progress, unit="step")
@@ -99,20 +100,8 @@ def compress_model(model: PreTrainedModel, adapter: Adapter, passes: list[Pass],
                     records[name].append(record)
             else:
                 outputs = None
-                linears = current_targets(model, per_layer[i])
-                try:
-                    stats = collect_stats(layer, linears, hidden, kwargs, p.stats, device,
-                                          getattr(p, "sink_weight", 1.0)) if p.stats else {}
-                    for name, linear in linears.items():
-                        module, record = p.apply(name, linear, stats.pop(name, None))
-                        if module is not linear:
-                            model.set_submodule(name, module)
-                        records[name].append(record)
-                except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
-                    if not isinstance(error, (MemoryError, torch.OutOfMemoryError)) \
-                            and "can't allocate memory" not in str(error):  # the CPU allocator's message
-                        raise
-                    raise out_of_memory(p.name, i, linears, device) from error
+                for name, record in apply_linear_pass(p, model, i, layer, hidden, kwargs, device, per_layer[i]):
+                    records[name].append(record)
             bar.set_description(f"layer {i + 1}/{len(layers)} {p.name}")
             bar.set_postfix_str(f"{time.perf_counter() - start:.1f}s")
             bar.update()
@@ -128,6 +117,28 @@ def compress_model(model: PreTrainedModel, adapter: Adapter, passes: list[Pass],
                 records[name].append(record)
     bar.close()
     return dict(records)
+
+
+def apply_linear_pass(p: Pass, model: PreTrainedModel, index: int, layer: nn.Module, hidden: list[torch.Tensor],
+                      kwargs: dict, device: torch.device, names: list[str]) -> list[tuple[str, dict]]:
+    """Collect the statistics pass `p` needs on decoder layer `index`, then compress each of its target
+    linears (`names`) in place; return (name, record) for each."""
+    linears = current_targets(model, names)
+    try:
+        stats = collect_stats(layer, linears, hidden, kwargs, p.stats, device,
+                              getattr(p, "sink_weight", 1.0)) if p.stats else {}
+        done = []
+        for name, linear in linears.items():
+            module, record = p.apply(name, linear, stats.pop(name, None))
+            if module is not linear:
+                model.set_submodule(name, module)
+            done.append((name, record))
+        return done
+    except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(error, (MemoryError, torch.OutOfMemoryError)) \
+                and "can't allocate memory" not in str(error):  # the CPU allocator's message
+            raise
+        raise out_of_memory(p.name, index, linears, device) from error
 
 
 def out_of_memory(pass_name: str, index: int, linears: dict[str, nn.Module], device: torch.device
