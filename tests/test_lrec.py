@@ -2,10 +2,12 @@ import pytest
 import torch
 from conftest import recipe_dict
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 import compressor
 from compressor.errors import CompressorError
 from compressor.nn import QuantLinear
+from compressor.passes import lrec_refine
 from compressor.passes.lrec import LREC
 from compressor.passes.quantize import RTN
 
@@ -78,6 +80,39 @@ def test_refinement_lowers_the_layer_output_error_and_round_trips(llama_dir, cor
     with torch.no_grad():
         torch.testing.assert_close(compressor.load(out)(input_ids=ids).logits, model(input_ids=ids).logits,
                                    rtol=0, atol=0)
+
+
+def test_refining_against_the_model_matches_the_dense_models_hidden_states(llama_dir, corpus, monkeypatch):
+    calls = []  # (inputs, outputs) of each layer's dense run
+
+    def spy(layer, hidden, kwargs, device):
+        calls.append((hidden, dense_outputs(layer, hidden, kwargs, device)))
+        return calls[-1][1]
+
+    dense_outputs = lrec_refine.dense_outputs
+    monkeypatch.setattr(lrec_refine, "dense_outputs", spy)
+    passes = [{"gptq": {"bits": 2, "group_size": 32}}, {"lrec": {"rank": 8}},
+              {"lrec_refine": {"steps": 5, "reference": "model"}}]
+    model = compressor.compress(recipe_dict(llama_dir, corpus, passes), progress=False)
+    assert model.compression_config["modules"]["model.layers.2.mlp.up_proj"][-1]["reference"] == "model"
+    assert len(calls) == 3
+    embeddings = torch.cat(calls[0][0])  # [windows, L, d]: the inputs of layer 0
+    with torch.no_grad():
+        dense = AutoModelForCausalLM.from_pretrained(llama_dir)(inputs_embeds=embeddings, output_hidden_states=True)
+        compressed = model(inputs_embeds=embeddings, output_hidden_states=True)
+    for i in (0, 1):  # hidden_states[i + 1]: the output of layer i (the last one's is normed)
+        torch.testing.assert_close(torch.cat(calls[i][1]), dense.hidden_states[i + 1])
+    assert not torch.allclose(dense.hidden_states[2], compressed.hidden_states[2], atol=1e-3)
+
+
+@pytest.mark.parametrize("refine, message", [
+    ({"steps": 0}, "steps: got 0"), ({"lr": -1.0}, "lr: got -1.0"),
+    ({"reference": "dense"}, "reference: got 'dense'; allowed: layer .* or model"),
+])
+def test_refinement_parameter_errors(llama_dir, corpus, refine, message):
+    passes = [{"gptq": {"bits": 2, "group_size": 32}}, {"lrec": {"rank": 8}}, {"lrec_refine": refine}]
+    with pytest.raises(CompressorError, match=message):
+        compressor.compress(recipe_dict(llama_dir, corpus, passes), progress=False)
 
 
 def test_refinement_without_lrec_is_refused(llama_dir, corpus):

@@ -8,6 +8,12 @@ which also accounts for how the errors of q, k, v, o, gate, up and down combine 
 and the MLP. Put it right after `lrec` in the same recipe (it needs the float weights that the
 quantization pass keeps for the duration of the layer).
 
+`reference: model` matches, instead, the uncompressed model's own outputs at this layer (the dense
+layers run on the dense inputs, carried along by this pass), as OmniQuant's block-wise training does:
+    min over {A, B}  sum_windows || layer_q+AB(x_q) - layer_dense(x_dense) ||^2 / ||layer_dense(x_dense)||^2
+so each layer also makes up for the error the layers before it left. "Dense" is the float weight the
+quantization pass kept (after any pruning earlier in the recipe).
+
 `scales: true` trains each group's scale as well, as a factor on the stored scale (codes and zero points
 stay as they are), in the spirit of PEQA / EfficientQAT's block-wise training of quantization
 parameters; the scales cost no extra bits, they are stored anyway. With scales trained, a quantized
@@ -39,8 +45,12 @@ class LRECRefine(LayerPass):
     steps: int = 100
     lr: float = 1e-3
     scales: bool = False
+    reference: str = "layer"  # "layer": the dense layer on the compressed inputs; "model": on the dense inputs
 
     def validate(self) -> None:
+        if self.reference not in ("layer", "model"):
+            raise ParamError("reference", f"got {self.reference!r}; allowed: layer (the dense layer on the "
+                                          "compressed layers' outputs) or model (the uncompressed model's outputs)")
         if self.steps <= 0:
             raise ParamError("steps", f"got {self.steps}; use a positive number of optimizer steps, e.g. 100")
         if not self.lr > 0:
@@ -49,6 +59,8 @@ class LRECRefine(LayerPass):
     def apply_layer(self, model, adapter, index: int, layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict,
                     device: torch.device, names: list[str]) -> tuple[list[torch.Tensor], dict[str, dict], None]:
         linears = {name: model.get_submodule(name) for name in names}
+        if self.reference == "model":  # carry the dense model's hidden states on (layer 0: the same inputs)
+            self._dense_hidden = dense_outputs(layer, hidden if index == 0 else self._dense_hidden, kwargs, device)
         if not linears:  # targets that leave this layer out
             return hidden, {}, None
         for name, q in linears.items():
@@ -65,10 +77,10 @@ class LRECRefine(LayerPass):
                                      lr=self.lr)
         losses = []
         try:
-            with torch.no_grad():
-                for q in linears.values():
-                    q.forward = _dense_forward(q)
-                targets = [layer_output(layer, h.to(device), kwargs).cpu() for h in hidden]
+            if self.reference == "model":
+                targets = self._dense_hidden
+            else:
+                targets = dense_outputs(layer, hidden, kwargs, device)
             for name, q in linears.items():
                 q.forward = _quantized_forward(q, factors.get(name), scale_factors.get(name))
             with torch.enable_grad():
@@ -90,9 +102,29 @@ class LRECRefine(LayerPass):
                 linears[name].set_low_rank(a.detach(), b.detach())
         window = min(len(hidden), len(losses))  # one pass over the windows, at the start and at the end
         record = {"pass": self.name, "steps": self.steps, "lr": self.lr, "scales": self.scales,
-                  "relative_error_first": round(sum(losses[:window]) / window, 6),
+                  "reference": self.reference, "relative_error_first": round(sum(losses[:window]) / window, 6),
                   "relative_error_last": round(sum(losses[-window:]) / window, 6)}
         return hidden, {name: dict(record) for name in linears}, None
+
+    def finish(self, model, adapter) -> dict[str, dict]:
+        self.__dict__.pop("_dense_hidden", None)
+        return {}
+
+
+@torch.no_grad()
+def dense_outputs(layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict, device: torch.device
+                  ) -> list[torch.Tensor]:
+    """The layer's outputs on `hidden` with every quantized linear that still has its float weight (those
+    quantized in this layer by the recipe) run on that float weight instead."""
+    quantized = [m for m in layer.modules() if isinstance(m, QuantLinear) and getattr(m, "dense_weight", None)
+                 is not None]
+    try:
+        for q in quantized:
+            q.forward = _dense_forward(q)
+        return [layer_output(layer, h.to(device), kwargs).cpu() for h in hidden]
+    finally:
+        for q in quantized:
+            q.__dict__.pop("forward", None)
 
 
 def _dense_forward(q: QuantLinear):
