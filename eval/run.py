@@ -89,6 +89,10 @@ SUITES = {
             {"lrec": {"extra_bits": 1.0, "alternate": 4}}]
         + ([{"lrec_refine": {"steps": 100}}] if refine else [])
         for refine in (False, True)
+    } | {  # the refinement against the dense model's hidden states rather than the dense layer's (OmniQuant-style)
+        "GPTQ W2 + LREC r16 refined against the dense model": [
+            {"gptq": {"bits": 2, "group_size": GROUP}}, {"lrec": {"rank": 16}},
+            {"lrec_refine": {"steps": 100, "reference": "model"}}],
     } | {  # the refinement also training the group scales (eval/results/w2-lrec-windows4.md, session 11)
         "GPTQ W2 asymmetric + LREC 1.0 extra bits, alternate 4 refined with scales": [
             {"gptq": {"bits": 2, "group_size": GROUP, "symmetric": False}},
