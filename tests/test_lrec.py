@@ -108,11 +108,32 @@ def test_refining_against_the_model_matches_the_dense_models_hidden_states(llama
 @pytest.mark.parametrize("refine, message", [
     ({"steps": 0}, "steps: got 0"), ({"lr": -1.0}, "lr: got -1.0"),
     ({"reference": "dense"}, "reference: got 'dense'; allowed: layer .* or model"),
+    ({"loss": "mse"}, "loss: got 'mse'; allowed: total .* or channel"),
 ])
 def test_refinement_parameter_errors(llama_dir, corpus, refine, message):
     passes = [{"gptq": {"bits": 2, "group_size": 32}}, {"lrec": {"rank": 8}}, {"lrec_refine": refine}]
     with pytest.raises(CompressorError, match=message):
         compressor.compress(recipe_dict(llama_dir, corpus, passes), progress=False)
+
+
+def test_channel_loss_counts_each_channel_relative_to_its_scale():
+    target = torch.tensor([[[1000.0, 1.0], [-1000.0, -1.0]]])  # [1 window, 2 tokens, 2 channels]
+    weight = lrec_refine.channel_weights([target])
+    torch.testing.assert_close(weight * torch.tensor([1e6, 1.0]), torch.full((2,), weight[1].item()))
+    big_off, small_off = target + torch.tensor([10.0, 0.0]), target + torch.tensor([0.0, 0.01])
+    # the same 1% error: under `total` only the large channel's counts, under `channel` both alike
+    assert lrec_refine.relative_error(big_off, target, None) > 1e5 * lrec_refine.relative_error(small_off, target, None)
+    torch.testing.assert_close(lrec_refine.relative_error(big_off, target, weight),
+                               lrec_refine.relative_error(small_off, target, weight))
+
+
+def test_refinement_with_the_channel_loss_lowers_its_error(llama_dir, corpus):
+    passes = [{"gptq": {"bits": 2, "group_size": 32}}, {"lrec": {"rank": 8}},
+              {"lrec_refine": {"steps": 40, "loss": "channel"}}]
+    model = compressor.compress(recipe_dict(llama_dir, corpus, passes), progress=False)
+    record = model.compression_config["modules"]["model.layers.1.mlp.up_proj"][-1]
+    assert record["loss"] == "channel"
+    assert record["relative_error_last"] < 0.9 * record["relative_error_first"]
 
 
 def test_refinement_without_lrec_is_refused(llama_dir, corpus):
