@@ -115,7 +115,8 @@ class LRECRefine(LayerPass):
                 linears[name].set_low_rank(a.detach(), b.detach())
         window = min(len(hidden), len(losses))  # one pass over the windows, at the start and at the end
         record = {"pass": self.name, "steps": self.steps, "lr": self.lr, "scales": self.scales,
-                  "reference": self.reference, "loss": self.loss, "relative_error_first": round(sum(losses[:window]) / window, 6),
+                  "reference": self.reference, "loss": self.loss,
+                  "relative_error_first": round(sum(losses[:window]) / window, 6),
                   "relative_error_last": round(sum(losses[-window:]) / window, 6)}
         return hidden, {name: dict(record) for name in linears}, None
 
