@@ -20,7 +20,9 @@ targets) instead of summing all channels alike (`loss: total`):
 Gemma-3's residual stream carries a few channels around 1e5 while the rest stay near 1e1-1e2; under
 `total` their error is the whole loss, the other channels go unfitted, and each later RMSNorm brings
 those back to full weight. Gemma-3-270m, the W2 recipe's passes, 16 x 2048 calibration: the layers'
-relative errors stayed 0.2-0.6 under `total`, but after the final norm it was 1.26.
+relative errors stayed 0.2-0.6 under `total`, but after the final norm it was 1.26 (PPL windows=4 3213.0);
+`channel` gives 0.47 and 60.760 (eval/results/gemma-w2-diagnosis.md). On SmolLM2 it did not help
+(W2 + LREC r16, windows=16: 54.276 against 51.628), so `total` stays the default.
 
 `scales: true` trains each group's scale as well, as a factor on the stored scale (codes and zero points
 stay as they are), in the spirit of PEQA / EfficientQAT's block-wise training of quantization
