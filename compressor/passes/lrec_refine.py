@@ -16,7 +16,8 @@ quantization pass kept (after any pruning earlier in the recipe).
 
 `loss: channel` weights each output channel's squared error by 1 / (that channel's mean square in the
 targets) instead of summing all channels alike (`loss: total`):
-    sum_windows sum_c || layer_q+AB(x)[:, c] - y[:, c] ||^2 / mean(y[:, c]^2)
+    sum_windows  sum_c w_c || layer_q+AB(x)[:, c] - y[:, c] ||^2 / sum_c w_c || y[:, c] ||^2,
+    w_c = 1 / mean(y[:, c]^2) over all target tokens
 Gemma-3's residual stream carries a few channels around 1e5 while the rest stay near 1e1-1e2; under
 `total` their error is the whole loss, the other channels go unfitted, and each later RMSNorm brings
 those back to full weight. Gemma-3-270m, the W2 recipe's passes, 16 x 2048 calibration: the layers'
