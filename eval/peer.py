@@ -76,6 +76,11 @@ def run(model_source: str, method: str, samples: int, windows: int | None) -> di
             "calibration": f"wikileads-calib-v1, {samples} x {SEQLEN}, seed {SEED}"}
 
 
+def read_rows(stem: Path) -> list[dict]:
+    path = stem.with_suffix(".json")
+    return json.loads(path.read_text())["rows"] if path.exists() else []
+
+
 def write(rows: list[dict], stem: Path) -> None:
     stem.with_suffix(".json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
     lines = ["# llm-compressor on our models, data and protocol", "",
@@ -101,10 +106,10 @@ def main() -> None:
     parser.add_argument("--conditions", default="", help="what else ran on the machine meanwhile")
     args = parser.parse_args()
     stem = ROOT / "eval" / "results" / ("peer-llmcompressor" + (f"-windows{args.windows}" if args.windows else ""))
-    rows = json.loads(stem.with_suffix(".json").read_text())["rows"] if stem.with_suffix(".json").exists() else []
     for method in args.methods:
         row = run(args.model, method, args.samples, args.windows)
         row["conditions"] = args.conditions
+        rows = read_rows(stem)  # re-read: another peer run may have written since this one started
         rows = [r for r in rows if (r["model"], r["method"]) != (args.model, method)] + [row]
         print(f"{args.model} {method}: ppl {row['ppl']:.3f}, compress {row['compress_wall_s']} s", flush=True)
         write(rows, stem)
