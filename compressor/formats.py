@@ -15,6 +15,7 @@ A quantized linear W [out, in] is stored as
 import math
 
 import torch
+import torch.nn.functional as F
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
@@ -45,12 +46,20 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     """qweight int32 [out, words] -> codes uint8 [out, in_features]."""
-    words = qweight.to(torch.int64) & 0xFFFFFFFF
-    words = torch.cat([words, torch.zeros_like(words[:, :1])], dim=1)
-    start = torch.arange(in_features, device=qweight.device) * bits
-    word, offset = start // 32, start % 32
-    both = words[:, word] | (words[:, word + 1] << 32)    # 64 bits starting at the code's word
-    return ((both >> offset) & (2**bits - 1)).to(torch.uint8)
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    mask = 2**bits - 1
+    if bits == 3:  # 32 codes in every 3 words: codes 0-10 lie in stream bits 0-63, codes 11-31 in bits 32-95
+        words = qweight.to(torch.int64) & 0xFFFFFFFF
+        words = F.pad(words, (0, -words.shape[1] % 3)).unflatten(1, (-1, 3))  # [out, triples, 3]
+        low = words[..., 0] | words[..., 1] << 32  # stream bits 0-63 of each triple
+        high = words[..., 1] | words[..., 2] << 32  # stream bits 32-95
+        j = torch.arange(32, device=qweight.device)
+        codes = torch.cat([(low[..., None] >> 3 * j[:11]) & mask, (high[..., None] >> 3 * j[11:] - 32) & mask], -1)
+    else:  # whole codes per word: code j at bit (j % per_word) * bits of word j // per_word
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=qweight.device)
+        codes = (qweight[:, :, None] >> shifts) & mask  # [out, words, 32 / bits]
+    return codes.flatten(1)[:, :in_features].to(torch.uint8)
 
 
 def group_index(in_features: int, group_size: int) -> torch.Tensor:
@@ -61,9 +70,11 @@ def group_index(in_features: int, group_size: int) -> torch.Tensor:
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
                in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The float weight [out, in] the packed tensors stand for: (q - zero) * scale, per group."""
+    out_features, n_groups = scales.shape
     codes = unpack(qweight, bits, in_features).to(dtype)
-    g = group_index(in_features, group_size).to(qweight.device)
-    return (codes - zeros[:, g].to(dtype)) * scales[:, g].to(dtype)
+    codes = F.pad(codes, (0, n_groups * group_size - in_features))  # a short last group padded to full
+    w = (codes.view(out_features, n_groups, group_size) - zeros[:, :, None].to(dtype)) * scales[:, :, None].to(dtype)
+    return w.flatten(1)[:, :in_features]
 
 
 def bits_per_weight(out_features: int, in_features: int, bits: int, group_size: int, scale_bits: int = 16) -> float:

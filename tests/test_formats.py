@@ -25,7 +25,7 @@ def test_layout_is_pinned_bit_for_bit():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("in_features", [1, 31, 32, 96, 576, 1000])
+@pytest.mark.parametrize("in_features", [1, 31, 32, 33, 96, 576, 1000])
 def test_every_bit_width_round_trips(bits, in_features):
     codes = torch.randint(0, 2**bits, (5, in_features), generator=torch.Generator().manual_seed(bits))
     q = pack(codes, bits)
@@ -38,6 +38,8 @@ def test_pack_rejects_out_of_range_codes():
         pack(torch.tensor([[16]]), 4)
     with pytest.raises(ValueError):
         pack(torch.tensor([[1]]), 5)
+    with pytest.raises(ValueError):
+        unpack(torch.zeros(1, 1, dtype=torch.int32), 5, 6)
 
 
 def test_dequantize_uses_groups_with_a_short_last_group():
