@@ -97,7 +97,7 @@ SUITES = {
         "GPTQ W2 + LREC r16 refined, channel loss": [
             {"gptq": {"bits": 2, "group_size": GROUP}}, {"lrec": {"rank": 16}},
             {"lrec_refine": {"steps": 100, "loss": "channel"}}],
-        "GPTQ W2 asymmetric + LREC 1.0 extra bits, alternate 4 refined, channel loss": [  # the fix for Gemma's W2
+        "GPTQ W2 asymmetric + LREC 1.0 extra bits, alternate 4 refined, channel loss": [  # Gemma's W2, unbroken
             {"gptq": {"bits": 2, "group_size": GROUP, "symmetric": False}},
             {"lrec": {"extra_bits": 1.0, "alternate": 4}}, {"lrec_refine": {"steps": 100, "loss": "channel"}}],
     } | {  # the refinement also training the group scales (eval/results/w2-lrec-windows4.md, session 11)
