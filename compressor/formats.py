@@ -24,10 +24,14 @@ def packed_words(in_features: int, bits: int) -> int:
     return math.ceil(in_features * bits / 32)
 
 
-def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """codes [out, in] integers in [0, 2^bits) -> qweight int32 [out, ceil(in*bits/32)]."""
+def check_bits(bits: int) -> None:
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes [out, in] integers in [0, 2^bits) -> qweight int32 [out, ceil(in*bits/32)]."""
+    check_bits(bits)
     out_features, in_features = codes.shape
     codes = codes.to(torch.int64)
     if codes.min() < 0 or codes.max() >= 2**bits:
@@ -46,8 +50,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     """qweight int32 [out, words] -> codes uint8 [out, in_features]."""
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    check_bits(bits)
     mask = 2**bits - 1
     if bits == 3:  # 32 codes in every 3 words: codes 0-10 lie in stream bits 0-63, codes 11-31 in bits 32-95
         words = qweight.to(torch.int64) & 0xFFFFFFFF
