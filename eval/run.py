@@ -112,7 +112,8 @@ SUITES = {
         for method in ["magnitude", "wanda", "sparsegpt"]
     } | {  # the first token of each calibration window weighted as in the W4 GPTQ recipe
         f"sparsegpt {label}, sink weight 64": [{"sparsegpt": {**setting, "sink_weight": 64}}]
-        for label, setting in [("50%", {"sparsity": 0.5}), ("2:4", {"pattern": "2:4"}), ("4:8", {"pattern": "4:8"})]
+        for label, setting in [("50%", {"sparsity": 0.5}), ("2:4", {"pattern": "2:4"}), ("4:8", {"pattern": "4:8"}),
+                               ("60%", {"sparsity": 0.6}), ("70%", {"sparsity": 0.7})]
     },
     "slicing": {"dense": None} | {f"slice {pct}%": [{"slice": {"fraction": pct / 100}}] for pct in (10, 20, 25, 30)} | {
         "slice 26%, layer 0 unsliced": [SLICE_25_LAYER_0_KEPT],

@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM
 
 import compressor
 from compressor.errors import CompressorError
+from compressor.models import adapter_for
 from compressor.nn import QuantLinear
 from compressor.passes import lrec_refine
 from compressor.passes.lrec import LREC
@@ -108,7 +109,7 @@ def test_refining_against_the_model_matches_the_dense_models_hidden_states(llama
 @pytest.mark.parametrize("refine, message", [
     ({"steps": 0}, "steps: got 0"), ({"lr": -1.0}, "lr: got -1.0"),
     ({"reference": "dense"}, "reference: got 'dense'; allowed: layer .* or model"),
-    ({"loss": "mse"}, "loss: got 'mse'; allowed: total .* or channel"),
+    ({"loss": "mse"}, "loss: got 'mse'; allowed: total .*, channel .* or next_norm"),
 ])
 def test_refinement_parameter_errors(llama_dir, corpus, refine, message):
     passes = [{"gptq": {"bits": 2, "group_size": 32}}, {"lrec": {"rank": 8}}, {"lrec_refine": refine}]
@@ -133,6 +134,40 @@ def test_refinement_with_the_channel_loss_lowers_its_error(llama_dir, corpus):
     model = compressor.compress(recipe_dict(llama_dir, corpus, passes), progress=False)
     record = model.compression_config["modules"]["model.layers.1.mlp.up_proj"][-1]
     assert record["loss"] == "channel"
+    assert record["relative_error_last"] < 0.9 * record["relative_error_first"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_next_norm_is_a_frozen_copy_of_the_norm_that_reads_the_layer(arch, llama_dir, gemma_dir):
+    model = AutoModelForCausalLM.from_pretrained(llama_dir if arch == "llama" else gemma_dir)
+    adapter = adapter_for(model)
+    layers = model.model.layers
+    for index, reader in [(0, layers[1].input_layernorm), (len(layers) - 1, model.model.norm)]:
+        with torch.no_grad():
+            reader.weight.uniform_(0.5, 2.0)  # distinct gains, so a wrong module would not match
+        norm = lrec_refine.next_norm(model, adapter, index)
+        assert norm is not reader and not any(p.requires_grad for p in norm.parameters())
+        h = torch.randn(2, 5, model.config.hidden_size)
+        torch.testing.assert_close(norm(h), reader(h))
+
+
+def test_next_norm_loss_counts_each_token_relative_to_its_scale():
+    norm = nn.RMSNorm(2)
+    target = torch.tensor([[[1000.0, 1000.0], [1.0, 1.0]]])  # [1 window, 2 tokens, 2 channels]
+    big_off, small_off = target * torch.tensor([[[1.01], [1.0]]]), target * torch.tensor([[[1.0], [1.01]]])
+    big_off[..., 1], small_off[..., 1] = target[..., 1], target[..., 1]  # 1% off in channel 0 of one token
+    assert lrec_refine.relative_error(big_off, target, None) > 1e5 * lrec_refine.relative_error(small_off, target, None)
+    torch.testing.assert_close(lrec_refine.relative_error(norm(big_off), norm(target), None),
+                               lrec_refine.relative_error(norm(small_off), norm(target), None))
+
+
+def test_refinement_with_the_next_norm_loss_lowers_its_error(gemma_dir, corpus):
+    passes = [{"gptq": {"bits": 2, "group_size": 32}}, {"lrec": {"rank": 8}},
+              {"lrec_refine": {"steps": 40, "loss": "next_norm"}}]
+    model = compressor.compress(recipe_dict(gemma_dir, corpus, passes), progress=False)
+    last = len(model.model.layers) - 1
+    record = model.compression_config["modules"][f"model.layers.{last}.mlp.up_proj"][-1]
+    assert record["loss"] == "next_norm"
     assert record["relative_error_last"] < 0.9 * record["relative_error_first"]
 
 
