@@ -31,6 +31,7 @@ from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 from run import CALIBRATION, calibration_ids  # the benchmark's calibration, so peer rows compare with ours
 
+from compressor.data import eval_windows, load_documents
 from compressor.evaluate import perplexity
 from compressor.models import load_model
 
@@ -57,8 +58,23 @@ METHODS = {
 }
 
 
+def check_tokenizer(model_source: str, tokenizer) -> None:
+    """Refuse to run when this venv's transformers splits the eval text into another number of windows than
+    our suites' dense row recorded: its tokenizer differs, so neither calibration nor perplexity would compare
+    (seen with Gemma-3's GGUF tokenizer under transformers 5.17: 241 windows against our 50)."""
+    dense = [r for r in json.loads((ROOT / "eval" / "results" / "pruning.json").read_text())["rows"]
+             if r["model"] == model_source and r["method"] == "dense"]
+    text = "\n\n".join(load_documents("bundled:wikileads", "eval", "text"))
+    ours, here = (dense[0]["windows_in_split"] if dense else None), len(eval_windows(tokenizer, text, SEQLEN))
+    if ours != here:
+        raise SystemExit(f"{model_source}: this venv's tokenizer (transformers {transformers.__version__}) gives "
+                         f"{here} eval windows, our suites {ours}; the peer's numbers would not compare. Run "
+                         "the pruning suite's dense row first, or a transformers that tokenizes it as ours does.")
+
+
 def run(model_source: str, method: str, samples: int, windows: int | None) -> dict:
     loaded = load_model(model_source)
+    check_tokenizer(model_source, loaded.tokenizer)
     ids = calibration_ids(loaded.tokenizer, samples)
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     recipe = METHODS[method]()
