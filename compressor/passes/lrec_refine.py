@@ -31,7 +31,9 @@ relative errors stayed 0.2-0.6 under `total`, but after the final norm it was 1.
 Each token then counts relative to its own scale (the first token's huge activations no longer dominate)
 and each channel as much as the next layer's gain lets it through: Gemma-3's norms give its huge channels
 1.7-37x less than the median gain, SmolLM2's give its large channels about the median gain
-(eval/results/gemma-w2-diagnosis.md), so one setting follows both models' own weighting.
+(eval/results/gemma-w2-diagnosis.md), so one setting could follow both models' own weighting. Measured
+on SmolLM2 (the W2 recipe's passes, windows=4) it lost to `total`: 39.680 against 35.922
+(eval/results/w2-lrec-windows4.md).
 
 `scales: true` trains each group's scale as well, as a factor on the stored scale (codes and zero points
 stay as they are), in the spirit of PEQA / EfficientQAT's block-wise training of quantization
