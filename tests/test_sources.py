@@ -1,4 +1,4 @@
-"""Model sources: the GGUF cache when two processes convert the same file at once."""
+"""Model sources: the GGUF cache (two processes converting the same file at once; transformers versions)."""
 
 from pathlib import Path
 
@@ -39,3 +39,14 @@ def test_gguf_conversion_finished_first_by_another_process(tmp_path, monkeypatch
     assert folder == done_elsewhere[0]
     assert (folder / "config.json").read_text() == '{"by": "other"}'  # its files, untouched
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary folder left
+
+
+def test_gguf_cache_is_kept_apart_per_transformers_version(tmp_path, monkeypatch):
+    """A conversion written by another transformers version (another tokenizer) is never reused."""
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
+    here = sources.converted_folder(gguf)
+    monkeypatch.setattr(sources.transformers, "__version__", "5.17.0")
+    assert sources.converted_folder(gguf) != here
+    assert sources.converted_folder(gguf).parent == here.parent

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from compressor.errors import CompressorError
@@ -68,11 +69,19 @@ def bundled_gguf(name: str) -> Path:
     return target
 
 
+def converted_folder(gguf: Path) -> Path:
+    """Where the float32 conversion of `gguf` is cached. The key holds the transformers version, since the
+    conversion is transformers' own and differs between versions (5.17 and 5.24 tokenize Gemma-3's GGUF
+    differently), so environments with other versions never share a conversion."""
+    stat = gguf.stat()
+    source = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:transformers {transformers.__version__}"
+    return cache_dir() / "models" / f"{gguf.stem}-{hashlib.sha256(source.encode()).hexdigest()[:12]}"
+
+
 def gguf_to_folder(gguf: Path) -> Path:
     """Dequantize a GGUF file once into a float32 safetensors folder; return the folder."""
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    folder = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    folder = converted_folder(gguf)
     if (folder / "config.json").is_file():
         return folder
     print(f"[compressor] dequantizing {gguf.name} once into {folder} (float32 safetensors)")
@@ -87,7 +96,8 @@ def gguf_to_folder(gguf: Path) -> Path:
         model.config.__dict__.pop("quantization_config", None)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf.resolve()), "bytes": stat.st_size}))
+        (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf.resolve()), "bytes": stat.st_size,
+                                                     "transformers": transformers.__version__}))
         try:
             tmp.rename(folder)
         except OSError:  # another process finished the same conversion first: use its folder
