@@ -22,6 +22,13 @@ def protocol_name(dataset: str) -> str:
 
 
 @torch.no_grad()
+def protocol_windows(tokenizer: PreTrainedTokenizerBase, dataset: str = "bundled:wikileads", seqlen: int = 2048,
+                     text_field: str = "text") -> torch.Tensor:
+    """The eval split's documents joined by blank lines and cut into windows of `seqlen` tokens, [N, seqlen]."""
+    text = "\n\n".join(load_documents(dataset, "eval", text_field))
+    return eval_windows(tokenizer, text, seqlen)
+
+
 def perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: str = "bundled:wikileads",
                seqlen: int = 2048, windows: int | None = None, text_field: str = "text",
                progress: bool = True) -> dict:
@@ -29,8 +36,7 @@ def perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, datas
     start = time.perf_counter()
     max_len = getattr(model.config, "max_position_embeddings", None) or seqlen
     seqlen = min(seqlen, max_len)
-    text = "\n\n".join(load_documents(dataset, "eval", text_field))
-    all_windows = eval_windows(tokenizer, text, seqlen)
+    all_windows = protocol_windows(tokenizer, dataset, seqlen, text_field)
     chosen = all_windows if windows is None else all_windows[:windows]
     device = next(model.parameters()).device
     nll_sum, count = 0.0, 0

@@ -31,8 +31,7 @@ from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 from run import CALIBRATION, calibration_ids  # the benchmark's calibration, so peer rows compare with ours
 
-from compressor.data import eval_windows, load_documents
-from compressor.evaluate import perplexity
+from compressor.evaluate import perplexity, protocol_windows
 from compressor.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,8 +63,7 @@ def check_tokenizer(model_source: str, tokenizer) -> None:
     (seen with Gemma-3's GGUF tokenizer under transformers 5.17: 241 windows against our 50)."""
     dense = [r for r in json.loads((ROOT / "eval" / "results" / "pruning.json").read_text())["rows"]
              if r["model"] == model_source and r["method"] == "dense"]
-    text = "\n\n".join(load_documents("bundled:wikileads", "eval", "text"))
-    ours, here = (dense[0]["windows_in_split"] if dense else None), len(eval_windows(tokenizer, text, SEQLEN))
+    ours, here = (dense[0]["windows_in_split"] if dense else None), len(protocol_windows(tokenizer, seqlen=SEQLEN))
     if ours != here:
         raise SystemExit(f"{model_source}: this venv's tokenizer (transformers {transformers.__version__}) gives "
                          f"{here} eval windows, our suites {ours}; the peer's numbers would not compare. Run "
