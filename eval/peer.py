@@ -18,6 +18,7 @@ Writes eval/results/peer-llmcompressor.json/.md.
 import argparse
 import json
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -65,9 +66,10 @@ def check_tokenizer(model_source: str, tokenizer) -> None:
              if r["model"] == model_source and r["method"] == "dense"]
     ours, here = (dense[0]["windows_in_split"] if dense else None), len(protocol_windows(tokenizer, seqlen=SEQLEN))
     if ours != here:
-        raise SystemExit(f"{model_source}: this venv's tokenizer (transformers {transformers.__version__}) gives "
-                         f"{here} eval windows, our suites {ours}; the peer's numbers would not compare. Run "
-                         "the pruning suite's dense row first, or a transformers that tokenizes it as ours does.")
+        print(f"error: {model_source}: this venv's tokenizer (transformers {transformers.__version__}) gives {here} "
+              f"eval windows, our suites {ours}; the peer's numbers would not compare. Run the pruning suite's dense "
+              "row first, or a transformers that tokenizes it as ours does.", file=sys.stderr)
+        raise SystemExit(2)  # bad input, as the CLI reports it: nothing compressed, nothing written
 
 
 def run(model_source: str, method: str, samples: int, windows: int | None) -> dict:
