@@ -13,6 +13,13 @@ with llm-compressor's default static act-order unless the method says otherwise.
 measured on the model in memory right after `oneshot` (llm-compressor's sparse checkpoints do not
 re-load through transformers here; see shared/anchors.md), with fake-quantized weights for GPTQ.
 Writes eval/results/peer-llmcompressor.json/.md.
+
+When this venv's transformers converts a GGUF differently from ours (Gemma-3's tokenizer under 5.17),
+give it our environment's conversion of the same model, so both tools start from the same weights and
+token ids (the rows stay keyed by --model):
+
+    .peer/bin/python eval/peer.py --model bundled:gemma-3-270m --methods "sparsegpt 50%" \
+        --load "$(python -c 'from compressor.models.sources import resolve; print(resolve("bundled:gemma-3-270m"))')"
 """
 
 import argparse
@@ -68,12 +75,21 @@ def check_tokenizer(model_source: str, tokenizer) -> None:
     if ours != here:
         print(f"error: {model_source}: this venv's tokenizer (transformers {transformers.__version__}) gives {here} "
               f"eval windows, our suites {ours}; the peer's numbers would not compare. Run the pruning suite's dense "
-              "row first, or a transformers that tokenizes it as ours does.", file=sys.stderr)
+              "row first, or pass --load with our environment's conversion of the model (see this file's "
+              "docstring).", file=sys.stderr)
         raise SystemExit(2)  # bad input, as the CLI reports it: nothing compressed, nothing written
 
 
-def run(model_source: str, method: str, samples: int, windows: int | None) -> dict:
-    loaded = load_model(model_source)
+def weights_origin(folder: str | None) -> str:
+    """Which transformers converted the weights this run starts from (source.json of our GGUF cache)."""
+    source = Path(folder or "") / "source.json"
+    if folder is None or not source.is_file():
+        return f"loaded by transformers {transformers.__version__}"
+    return f"our conversion (transformers {json.loads(source.read_text())['transformers']})"
+
+
+def run(model_source: str, method: str, samples: int, windows: int | None, folder: str | None) -> dict:
+    loaded = load_model(folder or model_source)
     check_tokenizer(model_source, loaded.tokenizer)
     ids = calibration_ids(loaded.tokenizer, samples)
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
@@ -87,8 +103,9 @@ def run(model_source: str, method: str, samples: int, windows: int | None) -> di
     linears = [m for n, m in loaded.model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
     zeros = sum((m.weight == 0).sum().item() for m in linears) / sum(m.weight.numel() for m in linears)
     return {**result, "model": model_source, "method": method, "tool": f"llmcompressor {llmcompressor.__version__}",
-            "transformers": transformers.__version__, "compress_wall_s": round(compress_wall, 1),
-            "compress_peak_rss_mb": round(compress_rss, 1), "linear_sparsity": round(zeros, 4),
+            "transformers": transformers.__version__, "weights": weights_origin(folder),
+            "compress_wall_s": round(compress_wall, 1), "compress_peak_rss_mb": round(compress_rss, 1),
+            "linear_sparsity": round(zeros, 4),
             "calibration": f"wikileads-calib-v1, {samples} x {SEQLEN}, seed {SEED}"}
 
 
@@ -119,11 +136,13 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=CALIBRATION["samples"],
                         help="calibration windows (default: the benchmark's)")
     parser.add_argument("--windows", type=int, help="first N eval windows only (quick runs)")
+    parser.add_argument("--load", metavar="FOLDER", help="start from this model folder (our environment's "
+                        "conversion of --model) instead of loading --model here")
     parser.add_argument("--conditions", default="", help="what else ran on the machine meanwhile")
     args = parser.parse_args()
     stem = ROOT / "eval" / "results" / ("peer-llmcompressor" + (f"-windows{args.windows}" if args.windows else ""))
     for method in args.methods:
-        row = run(args.model, method, args.samples, args.windows)
+        row = run(args.model, method, args.samples, args.windows, args.load)
         row["conditions"] = args.conditions
         rows = read_rows(stem)  # re-read: another peer run may have written since this one started
         rows = [r for r in rows if (r["model"], r["method"]) != (args.model, method)] + [row]
