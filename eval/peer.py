@@ -120,10 +120,11 @@ def write(rows: list[dict], stem: Path) -> None:
              "Reproduce: see eval/peer.py. Calibration as the row says (64 x 2048 in every comparison); every "
              "decoder linear, not the head; perplexity of the model in memory after `oneshot`. Wall times are "
              "from the 2-core CPU machine; `conditions` in each row says what else ran meanwhile.", "",
-             "| model | tool | method | PPL | protocol | windows | calibration | sparsity of decoder linears | "
-             "compress wall | peak RSS | conditions |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | tool | weights | method | PPL | protocol | windows | calibration | "
+             "sparsity of decoder linears | compress wall | peak RSS | conditions |", "|---" * 12 + "|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['tool']} | {r['method']} | {r['ppl']:.3f} | {r['protocol']} | "
+        weights = r.get("weights", f"loaded by transformers {r['transformers']}")
+        lines.append(f"| {r['model']} | {r['tool']} | {weights} | {r['method']} | {r['ppl']:.3f} | {r['protocol']} | "
                      f"{r['windows']} of {r['windows_in_split']} | {r['calibration']} | {r['linear_sparsity']:.4f} | "
                      f"{r['compress_wall_s']} s | {r['compress_peak_rss_mb']} MB | {r.get('conditions', '')} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
