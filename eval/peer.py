@@ -20,6 +20,9 @@ token ids (the rows stay keyed by --model):
 
     .peer/bin/python eval/peer.py --model bundled:gemma-3-270m --methods "sparsegpt 50%" \
         --load "$(python -c 'from compressor.models.sources import resolve; print(resolve("bundled:gemma-3-270m"))')"
+
+A Gemma-3 run peaks near 13 GB while it evaluates (the 262k-token vocabulary's logits): on a 24 GB machine run
+one at a time (two side by side were OOM-killed).
 """
 
 import argparse
