@@ -34,6 +34,8 @@ GROUP = "group size of the model"
 GROUP_SIZE = {"bundled:smollm2-135m": 64, "bundled:gemma-3-270m": 128}  # 576 = 9 x 64, 640 = 5 x 128
 # as many parameters as slice 25% (a few fewer), but layer 0, where the embeddings enter, kept whole
 SLICE_25_LAYER_0_KEPT = {"slice": {"fraction": 0.26, "layer_fractions": {0: 0.0}}}
+SPARSITIES = [("50%", {"sparsity": 0.5}), ("2:4", {"pattern": "2:4"}), ("4:8", {"pattern": "4:8"}),
+              ("60%", {"sparsity": 0.6}), ("70%", {"sparsity": 0.7})]
 SUITES = {
     "foundation": {
         "dense": None,
@@ -106,14 +108,10 @@ SUITES = {
             {"lrec": {"extra_bits": 1.0, "alternate": 4}}, {"lrec_refine": {"steps": 100, "scales": True}}],
     },
     "pruning": {"dense": None} | {
-        f"{method} {label}": [{method: setting}]
-        for label, setting in [("50%", {"sparsity": 0.5}), ("2:4", {"pattern": "2:4"}), ("4:8", {"pattern": "4:8"}),
-                               ("60%", {"sparsity": 0.6}), ("70%", {"sparsity": 0.7})]
-        for method in ["magnitude", "wanda", "sparsegpt"]
-    } | {  # the first token of each calibration window weighted as in the W4 GPTQ recipe
-        f"sparsegpt {label}, sink weight 64": [{"sparsegpt": {**setting, "sink_weight": 64}}]
-        for label, setting in [("50%", {"sparsity": 0.5}), ("2:4", {"pattern": "2:4"}), ("4:8", {"pattern": "4:8"}),
-                               ("60%", {"sparsity": 0.6}), ("70%", {"sparsity": 0.7})]
+        f"{method} {label}": [{method: setting}] for label, setting in SPARSITIES for method in ["magnitude", "wanda"]
+    } | {  # the first token of each calibration window counted 64 times (the default since session 21) or once
+        f"sparsegpt {label}, sink weight {weight}": [{"sparsegpt": {**setting, "sink_weight": weight}}]
+        for weight in (1, 64) for label, setting in SPARSITIES
     },
     "slicing": {"dense": None} | {f"slice {pct}%": [{"slice": {"fraction": pct / 100}}] for pct in (10, 20, 25, 30)} | {
         "slice 26%, layer 0 unsliced": [SLICE_25_LAYER_0_KEPT],

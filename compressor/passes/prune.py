@@ -157,14 +157,16 @@ class SparseGPT(_Prune):
     """Prune with SparseGPT's OBS updates: the kept weights change to make up for the pruned ones.
 
     `sink_weight`: the first token of every calibration window counts this many times in the Hessian,
-    as in GPTQ (see `compressor.passes.quantize.GPTQ`)."""
+    as in GPTQ (see `compressor.passes.quantize.GPTQ`). 64 by default: full split, it beat 1 at every setting
+    measured (SmolLM2-135M 50% 28.129 -> 26.167, 60% 60.075 -> 53.687, 2:4 58.063 -> 50.954, 4:8
+    41.408 -> 35.359; Gemma-3-270m 50% 24.350 -> 23.144; eval/results/pruning.md)."""
 
     name: ClassVar[str] = "sparsegpt"
     stats: ClassVar[str | None] = "hessian"
 
     damp: float = 0.01
     block_size: int = 128
-    sink_weight: float = 1.0
+    sink_weight: float = 64.0
 
     def validate(self) -> None:
         super().validate()
