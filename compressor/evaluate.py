@@ -29,6 +29,7 @@ def protocol_windows(tokenizer: PreTrainedTokenizerBase, dataset: str = "bundled
     return eval_windows(tokenizer, text, seqlen)
 
 
+@torch.no_grad()  # without it a model whose parameters require grad keeps each window's graph
 def perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: str = "bundled:wikileads",
                seqlen: int = 2048, windows: int | None = None, text_field: str = "text",
                progress: bool = True) -> dict:
