@@ -21,8 +21,8 @@ token ids (the rows stay keyed by --model):
     .peer/bin/python eval/peer.py --model bundled:gemma-3-270m --methods "sparsegpt 50%" \
         --load "$(python -c 'from compressor.models.sources import resolve; print(resolve("bundled:gemma-3-270m"))')"
 
-A Gemma-3 run peaks near 13 GB while it evaluates (the 262k-token vocabulary's logits): on a 24 GB machine run
-one at a time (two side by side were OOM-killed).
+Peak memory of a Gemma-3 run: 9.4 GB (GPTQ W4, while it evaluates: the 262k-token vocabulary's logits).
+Before perplexity() turned autograd off, evals reached 13-14 GB and two runs side by side were OOM-killed.
 """
 
 import argparse
@@ -85,8 +85,8 @@ def check_tokenizer(model_source: str, tokenizer) -> None:
 
 def weights_origin(folder: str | None) -> str:
     """Which transformers converted the weights this run starts from (source.json of our GGUF cache)."""
-    source = Path(folder or "") / "source.json"
-    if folder is None or not source.is_file():
+    source = Path(folder) / "source.json" if folder else None
+    if source is None or not source.is_file():
         return f"loaded by transformers {transformers.__version__}"
     return f"our conversion (transformers {json.loads(source.read_text())['transformers']})"
 
