@@ -75,6 +75,8 @@ SUITES = {
         f"GPTQ W{bits}, sink weight {weight}, no clip search": [
             {"gptq": {"bits": bits, "group_size": GROUP, "sink_weight": weight, "clip_search": False}}]
         for bits in (3, 2) for weight in (1, 64)
+    } | {  # the SmolLM2 W4 recipe's sink weight at the model's own group size
+        "GPTQ W4, sink weight 64": [{"gptq": {"bits": 4, "group_size": GROUP, "sink_weight": 64}}],
     } | {
         f"GPTQ W{bits}, clip search": [{"gptq": {"bits": bits, "group_size": GROUP, "clip_search": True}}]
         for bits in (3, 2)
