@@ -242,3 +242,53 @@ def test_alternating_keeps_pruned_weights_zero(llama_dir, corpus):
     w = model.model.layers[0].mlp.up_proj.weight_dequantized()
     assert (w.reshape(w.shape[0], -1, 4) == 0).sum(-1).min() >= 2
 
+
+
+def test_int8_factors_buy_twice_the_rank_and_round_trip(llama_dir, corpus, tmp_path):
+    out = tmp_path / "ckpt"
+    passes = [{"gptq": {"bits": 2, "group_size": 32}}, {"lrec": {"extra_bits": 1.0, "factor_bits": 8}},
+              {"lrec_refine": {"steps": 5}}]
+    model = compressor.compress(recipe_dict(llama_dir, corpus, passes, out), progress=False)
+    modules = model.compression_config["modules"]
+    # one rank of int8 factors costs (8 (in + out) + 64) / (in out) bits per weight: 0.266 for q [64 -> 64]
+    # (float16: 0.5, rank 2), 0.383 for up [64 -> 128] (float16: 0.375, rank 2)
+    assert modules["model.layers.0.self_attn.q_proj"][1]["rank"] == 3
+    assert modules["model.layers.0.mlp.up_proj"][1]["rank"] == 5
+    for records in modules.values():
+        added = records[1]["bits_per_weight"] - records[0]["bits_per_weight"]
+        assert 0 < added <= 1.0 + 1e-6
+    q = model.model.layers[0].mlp.up_proj
+    assert q.lora_a.dtype == q.lora_b.dtype == torch.int8 and q.lora_a_scale.dtype == torch.float32
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(compressor.load(out)(input_ids=ids).logits, model(input_ids=ids).logits,
+                                   rtol=0, atol=0)
+
+
+def test_int8_factors_cost_almost_nothing_over_float16_at_the_same_rank(llama_dir, corpus):
+    kept = {}
+    for factor_bits in (16, 8):
+        passes = [{"gptq": {"bits": 2, "group_size": 32}}, {"lrec": {"rank": 8, "factor_bits": factor_bits}}]
+        model = compressor.compress(recipe_dict(llama_dir, corpus, passes), progress=False)
+        modules = model.compression_config["modules"]  # layer 0's q, k, v: the same inputs in both runs
+        kept[factor_bits] = [modules[f"model.layers.0.self_attn.{n}_proj"][1]["output_error_kept"] for n in "qkv"]
+    for fp16, int8 in zip(kept[16], kept[8], strict=True):
+        assert fp16 <= int8 < fp16 * 1.02
+    with pytest.raises(CompressorError, match="factor_bits: got 4; use 16"):
+        compressor.compress(recipe_dict(llama_dir, corpus, [{"rtn": {"bits": 2}}, {"lrec": {"factor_bits": 4}}]),
+                            progress=False)
+
+
+def test_int8_factor_layout():
+    q = QuantLinear(6, 4, bits=2, group_size=6)
+    a = torch.tensor([[1.0, 0.0], [-2.0, 0.0], [0.5, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])  # [in 6, rank 2]
+    b = torch.tensor([[8.0, -4.0, 2.0, 0.0], [0.0, 0.0, 0.0, 0.0]])  # [rank 2, out 4]
+    q.set_low_rank(a, b, factor_bits=8)
+    # rank 0 balanced to max |a| = max |b| = 4 (a x 2, b / 2), both codes then scaled by 4 / 127
+    assert q.lora_a[:, 0].tolist() == [64, -127, 32, 0, 0, 0] and q.lora_b[0].tolist() == [127, -64, 32, 0]
+    assert q.lora_a_scale[0].item() == pytest.approx(4 / 127) and q.lora_b_scale[0].item() == pytest.approx(4 / 127)
+    assert q.lora_a[:, 1].abs().sum() == 0 and q.lora_a_scale[1] == 1  # an all-zero rank stays zero
+    fa, fb = q.low_rank_factors()
+    torch.testing.assert_close(fa @ fb, a @ b, rtol=0.02, atol=0)  # codes 64 and 32 stand for 2.016, 1.008
+    # per row one int32 word of codes and a 16-bit scale + 8-bit zero; per rank 10 int8 codes + two float32 scales
+    assert q.bits_per_weight() == pytest.approx((4 * 32 + 4 * 24 + 2 * (10 * 8 + 64)) / 24)

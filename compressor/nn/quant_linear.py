@@ -6,14 +6,31 @@ from torch import nn
 
 from compressor.formats import bits_per_weight, dequantize, packed_words
 
+FACTOR_BITS = (16, 8)  # LREC factors: in the scales' dtype, or int8 codes with a float32 scale per rank
+
+
+def low_rank_bits(in_features: int, out_features: int, rank: int, factor_bits: int) -> int:
+    """Storage bits of rank-r factors A [in, r], B [r, out]; int8 factors add two float32 scales per rank."""
+    return rank * ((in_features + out_features) * factor_bits + (64 if factor_bits == 8 else 0))
+
+
+def int8_codes(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes of t with one float32 scale per slice along `dim` (max |t| -> 127)."""
+    scale = t.abs().amax(dim=dim).float() / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    shape = (1, -1) if dim == 0 else (-1, 1)
+    return (t.float() / scale.view(shape)).round().clamp(-127, 127).to(torch.int8), scale
+
 
 class QuantLinear(nn.Module):
     """y = x dequant(qweight)^T + (x A) B + bias, the low-rank term only when rank > 0 (LREC factors
-    A [in, rank], B [rank, out], stored in the scales' dtype). The PyTorch reference forward
-    dequantizes, then matmuls."""
+    A [in, rank], B [rank, out], stored in the scales' dtype, or with factor_bits 8 as int8 codes times a
+    float32 scale per rank: A = lora_a * lora_a_scale[None, :], B = lora_b * lora_b_scale[:, None]).
+    The PyTorch reference forward dequantizes, then matmuls."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False,
-                 scale_dtype: torch.dtype = torch.float16, dtype: torch.dtype = torch.float32, rank: int = 0):
+                 scale_dtype: torch.dtype = torch.float16, dtype: torch.dtype = torch.float32, rank: int = 0,
+                 factor_bits: int = 16):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
@@ -22,16 +39,36 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", torch.ones(out_features, n_groups, dtype=scale_dtype))
         self.register_buffer("zeros", torch.zeros(out_features, n_groups, dtype=torch.uint8))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
-        self.rank = rank
+        self.rank, self.factor_bits = 0, factor_bits
         if rank:
-            self.register_buffer("lora_a", torch.zeros(in_features, rank, dtype=scale_dtype))
-            self.register_buffer("lora_b", torch.zeros(rank, out_features, dtype=scale_dtype))
+            self.set_low_rank(torch.zeros(in_features, rank), torch.zeros(rank, out_features))
 
-    def set_low_rank(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Attach (or replace) error-correcting factors a [in, rank], b [rank, out]."""
-        self.rank = a.shape[1]
-        self.register_buffer("lora_a", a.to(self.scales.dtype).contiguous())
-        self.register_buffer("lora_b", b.to(self.scales.dtype).contiguous())
+    def set_low_rank(self, a: torch.Tensor, b: torch.Tensor, factor_bits: int | None = None) -> None:
+        """Attach (or replace) error-correcting factors a [in, rank], b [rank, out], stored in `factor_bits`
+        (16 or 8; by default as this module's factors already are)."""
+        self.rank, self.factor_bits = a.shape[1], factor_bits or self.factor_bits
+        if self.factor_bits == 16:
+            self.register_buffer("lora_a", a.to(self.scales.dtype).contiguous())
+            self.register_buffer("lora_b", b.to(self.scales.dtype).contiguous())
+            for name in ("lora_a_scale", "lora_b_scale"):
+                self._buffers.pop(name, None)
+            return
+        # (A c) (B / c) = A B: give each rank's column of A and row of B the same max |.|, so both codes
+        # use their range and neither scale is tiny
+        peak_a, peak_b = a.abs().amax(0).float(), b.abs().amax(1).float()
+        c = torch.where((peak_a > 0) & (peak_b > 0), (peak_b / peak_a.clamp_min(1e-30)).sqrt(), torch.ones_like(peak_a))
+        (codes_a, scale_a), (codes_b, scale_b) = int8_codes(a.float() * c, 0), int8_codes(b.float() / c[:, None], 1)
+        self.register_buffer("lora_a", codes_a.contiguous())
+        self.register_buffer("lora_b", codes_b.contiguous())
+        self.register_buffer("lora_a_scale", scale_a)
+        self.register_buffer("lora_b_scale", scale_b)
+
+    def low_rank_factors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors as stored, A [in, rank] and B [rank, out], in `dtype`."""
+        if self.factor_bits == 16:
+            return self.lora_a.to(dtype), self.lora_b.to(dtype)
+        return (self.lora_a.to(dtype) * self.lora_a_scale.to(dtype)[None, :],
+                self.lora_b.to(dtype) * self.lora_b_scale.to(dtype)[:, None])
 
     def weight_dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
@@ -44,7 +81,8 @@ class QuantLinear(nn.Module):
         elif self.bias is not None:
             y = y + self.bias.to(x.dtype)
         if self.rank:
-            y = y + (x @ self.lora_a.to(x.dtype)) @ self.lora_b.to(x.dtype)
+            a, b = self.low_rank_factors(x.dtype)
+            y = y + (x @ a) @ b
         return y
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -71,22 +109,26 @@ class QuantLinear(nn.Module):
 
     def bits_per_weight(self) -> float:
         """Storage bits per weight: codes, scales, zero points and low-rank factors."""
-        factor_bits = torch.finfo(self.scales.dtype).bits
-        codes = bits_per_weight(self.out_features, self.in_features, self.bits, self.group_size, factor_bits)
-        return codes + self.rank * (self.in_features + self.out_features) * factor_bits / (
+        scale_bits = torch.finfo(self.scales.dtype).bits
+        codes = bits_per_weight(self.out_features, self.in_features, self.bits, self.group_size, scale_bits)
+        factor_bits = scale_bits if self.factor_bits == 16 else 8
+        return codes + low_rank_bits(self.in_features, self.out_features, self.rank, factor_bits) / (
             self.in_features * self.out_features)
 
     def runtime_config(self) -> dict:
         """What `compressor.checkpoint.load` needs to rebuild this module before loading its tensors."""
         return {"class": "QuantLinear", "bits": self.bits, "group_size": self.group_size, "rank": self.rank,
-                "bias": self.bias is not None, "scale_dtype": str(self.scales.dtype).removeprefix("torch.")}
+                "factor_bits": self.factor_bits, "bias": self.bias is not None,
+                "scale_dtype": str(self.scales.dtype).removeprefix("torch.")}
 
     @classmethod
     def from_runtime_config(cls, config: dict, old: nn.Module, dtype: torch.dtype):
         in_features, out_features = old.in_features, old.out_features
         return cls(in_features, out_features, config["bits"], config["group_size"], config["bias"],
-                   getattr(torch, config["scale_dtype"]), dtype, config.get("rank", 0))
+                   getattr(torch, config["scale_dtype"]), dtype, config.get("rank", 0),
+                   config.get("factor_bits", 16))
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
-                + (f", rank={self.rank}" if self.rank else ""))
+                + (f", rank={self.rank}" if self.rank else "")
+                + (", int8 factors" if self.rank and self.factor_bits == 8 else ""))

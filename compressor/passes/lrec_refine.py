@@ -97,7 +97,7 @@ class LRECRefine(LayerPass):
                                       "against; put lrec_refine right after lrec in the same recipe"
                                       + ("" if self.scales else " (or set `scales: true` to train the scales)"))
         # trained: the factors A, B of the linears that have them; with `scales`, a factor on each group's scale
-        factors = {name: tuple(t.detach().float().requires_grad_() for t in (q.lora_a, q.lora_b))
+        factors = {name: tuple(t.detach().requires_grad_() for t in q.low_rank_factors())
                    for name, q in linears.items() if q.rank}
         scale_factors = {name: torch.ones_like(q.scales, dtype=torch.float32, requires_grad=True)
                          for name, q in linears.items()} if self.scales else {}
