@@ -104,6 +104,12 @@ SUITES = {
         "GPTQ W2 asymmetric + LREC 1.0 extra bits, alternate 4 refined, channel loss": [  # Gemma's W2, unbroken
             {"gptq": {"bits": 2, "group_size": GROUP, "symmetric": False}},
             {"lrec": {"extra_bits": 1.0, "alternate": 4}}, {"lrec_refine": {"steps": 100, "loss": "channel"}}],
+    } | {  # int8 factors: about twice the rank for the same bits (eval/results/lrec-int8-factors.md)
+        f"GPTQ W2 asymmetric + LREC 1.0 extra bits int8, alternate 4{' refined' if refine else ''}": [
+            {"gptq": {"bits": 2, "group_size": GROUP, "symmetric": False}},
+            {"lrec": {"extra_bits": 1.0, "alternate": 4, "factor_bits": 8}}]
+        + ([{"lrec_refine": {"steps": 100}}] if refine else [])
+        for refine in (False, True)
     } | {  # the refinement also training the group scales (eval/results/w2-lrec-windows4.md, session 11)
         "GPTQ W2 asymmetric + LREC 1.0 extra bits, alternate 4 refined with scales": [
             {"gptq": {"bits": 2, "group_size": GROUP, "symmetric": False}},

@@ -5,10 +5,10 @@ calibration inputs (EoRA / QERA; see compressor/passes/svd.py), which minimises 
 error ||X (E^T - A B)||_F. `whiten: false` takes the plain SVD of E^T instead (ZeroQuant-V2's LoRC).
 The quantized weights stay as they are; the factors are stored in float16 (or bfloat16, as the scales) and
 counted in bits per weight. `factor_bits: 8` stores them as int8 codes with a float32 scale per rank
-instead, so the same bits buy about twice the rank. SmolLM2 layer 5, GPTQ W2 g64 (clip search), 4 x 2048
-calibration, 1.0 extra bit per weight: the output error kept falls from 0.505 (float16, rank 18) to 0.415
-(int8, rank 35) on q_proj and from 0.824 (rank 26) to 0.720 (rank 52) on down_proj; rounding the factors
-to int8 costs almost nothing (0.415 against 0.414 unrounded) (eval/results/lrec-int8-factors.md).
+instead, so the same bits buy about twice the rank. Layer 5, GPTQ W2, 1.0 extra bit per weight,
+4 x 2048 calibration: the output error left (mean over the linears, as a fraction of W2's) falls from
+0.775 to 0.673 on SmolLM2 and from 0.725 to 0.601 on Gemma-3 (GPTQ W3: 0.243, 0.264;
+eval/results/lrec-int8-factors.md).
 The rank comes from exactly one of `rank` (the same for every targeted linear) or `extra_bits` (a budget:
 the factors add at most this many bits per weight to each linear, rank = floor(extra_bits * in * out /
 (16 * (in + out))) for float16 factors, so wide MLP linears get higher ranks than narrow k/v

@@ -1,0 +1,90 @@
+"""Layer-level look at W2 + LREC against W3: each linear's output error ||X (W - W')^T||^2 after GPTQ
+W2 + LREC factors worth 1.0 extra bit per weight (float16 or int8 factors, LoftQ-style alternation off
+or on) and after GPTQ W3, as a fraction of GPTQ W2's own output error, on one decoder layer of the
+dense model (its inputs are the dense model's, so the numbers are about the quantizers alone).
+
+    python eval/lrec_layer_error.py --model bundled:smollm2-135m --layer 5 [--samples 4]
+Prints a markdown table: one row per linear, one column per method, and the mean over the linears.
+"""
+
+import argparse
+
+import torch
+from run import GROUP_SIZE, calibration_ids
+
+from compressor.models import adapter_for, load_model
+from compressor.passes.lrec import LREC
+from compressor.passes.quantize import GPTQ
+
+METHODS = {  # name -> (LREC parameters, or None for GPTQ W3 alone)
+    "W3": None,
+    "W2 + LREC fp16": {"factor_bits": 16},
+    "W2 + LREC int8": {"factor_bits": 8},
+    "W2 + LREC fp16, alternate 4": {"factor_bits": 16, "alternate": 4},
+    "W2 + LREC int8, alternate 4": {"factor_bits": 8, "alternate": 4},
+}
+
+
+def layer_hessians(model, layer: torch.nn.Module, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """sum_t x_t x_t^T [in, in] (float32) of every linear's inputs in `layer`, over the windows."""
+    linears = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def record(module, inputs, output):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + x.T @ x
+        return record
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
+    with torch.no_grad():
+        for window in windows:
+            model(window[None])
+    for h in handles:
+        h.remove()
+    return {name: s.float() for name, s in sums.items()}
+
+
+def output_error(error: torch.Tensor, hessian: torch.Tensor) -> float:
+    """||X error^T||_F^2 = tr(error H error^T), error [out, in]."""
+    e = error.double()
+    return (e @ hessian.double() * e).sum().item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="bundled:smollm2-135m")
+    parser.add_argument("--layer", type=int, default=5)
+    parser.add_argument("--samples", type=int, default=4, help="calibration windows of 2048 tokens")
+    args = parser.parse_args()
+    loaded = load_model(args.model)
+    model = loaded.model.eval()
+    layer = adapter_for(model).decoder_layers(model)[args.layer]
+    hessians = layer_hessians(model, layer, calibration_ids(loaded.tokenizer, args.samples))
+    group = GROUP_SIZE[args.model]
+    print(f"| {args.model} layer {args.layer} | " + " | ".join(METHODS) + " |")
+    print("|---" * (len(METHODS) + 1) + "|")
+    totals = dict.fromkeys(METHODS, 0.0)
+    for name, H in hessians.items():
+        weight = layer.get_submodule(name).weight.data.float()
+        w2_error = None
+        row = []
+        for lrec in METHODS.values():
+            bits = 3 if lrec is None else 2
+            q, _ = GPTQ(bits=bits, group_size=group).apply(name, layer.get_submodule(name), H)
+            if lrec is not None:
+                if w2_error is None:
+                    w2_error = output_error(weight - q.weight_dequantized(torch.float32), H)
+                q, _ = LREC(extra_bits=1.0, **lrec).apply(name, q, H)
+            a, b = q.low_rank_factors() if q.rank else (None, None)
+            approx = q.weight_dequantized(torch.float32) + ((a @ b).T if q.rank else 0)
+            row.append(output_error(weight - approx, H))
+        w2_error = w2_error or 1.0
+        for method, e in zip(METHODS, row, strict=True):
+            totals[method] += e / w2_error / len(hessians)
+        print(f"| {name} | " + " | ".join(f"{e / w2_error:.3f}" for e in row) + " |")
+    print("| mean | " + " | ".join(f"{t:.3f}" for t in totals.values()) + " |")
+
+
+if __name__ == "__main__":
+    main()
