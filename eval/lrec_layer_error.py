@@ -13,7 +13,7 @@ import torch
 from run import GROUP_SIZE, calibration_ids
 
 from compressor.models import adapter_for, load_model
-from compressor.passes.lrec import LREC
+from compressor.passes.lrec import LREC, output_error
 from compressor.passes.quantize import GPTQ
 
 METHODS = {  # name -> (LREC parameters, or None for GPTQ W3 alone)
@@ -45,12 +45,6 @@ def layer_hessians(model, layer: torch.nn.Module, windows: torch.Tensor) -> dict
     return {name: s.float() for name, s in sums.items()}
 
 
-def output_error(error: torch.Tensor, hessian: torch.Tensor) -> float:
-    """||X error^T||_F^2 = tr(error H error^T), error [out, in]."""
-    e = error.double()
-    return (e @ hessian.double() * e).sum().item()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="bundled:smollm2-135m")
@@ -67,22 +61,19 @@ def main() -> None:
     totals = dict.fromkeys(METHODS, 0.0)
     for name, H in hessians.items():
         weight = layer.get_submodule(name).weight.data.float()
-        w2_error = None
-        row = []
+        w2, _ = GPTQ(bits=2, group_size=group).apply(name, layer.get_submodule(name), H)
+        w2_error = output_error(weight - w2.weight_dequantized(torch.float32), H)
+        row = []  # output error left, as a fraction of GPTQ W2's
         for lrec in METHODS.values():
-            bits = 3 if lrec is None else 2
-            q, _ = GPTQ(bits=bits, group_size=group).apply(name, layer.get_submodule(name), H)
-            if lrec is not None:
-                if w2_error is None:
-                    w2_error = output_error(weight - q.weight_dequantized(torch.float32), H)
-                q, _ = LREC(extra_bits=1.0, **lrec).apply(name, q, H)
-            a, b = q.low_rank_factors() if q.rank else (None, None)
-            approx = q.weight_dequantized(torch.float32) + ((a @ b).T if q.rank else 0)
-            row.append(output_error(weight - approx, H))
-        w2_error = w2_error or 1.0
-        for method, e in zip(METHODS, row, strict=True):
-            totals[method] += e / w2_error / len(hessians)
-        print(f"| {name} | " + " | ".join(f"{e / w2_error:.3f}" for e in row) + " |")
+            if lrec is None:
+                w3, _ = GPTQ(bits=3, group_size=group).apply(name, layer.get_submodule(name), H)
+                row.append(output_error(weight - w3.weight_dequantized(torch.float32), H) / w2_error)
+            else:  # a fresh W2 each time: lrec changes the codes it is given when it alternates
+                w2, _ = GPTQ(bits=2, group_size=group).apply(name, layer.get_submodule(name), H)
+                row.append(LREC(extra_bits=1.0, **lrec).apply(name, w2, H)[1]["output_error_kept"])
+        for method, kept in zip(METHODS, row, strict=True):
+            totals[method] += kept / len(hessians)
+        print(f"| {name} | " + " | ".join(f"{kept:.3f}" for kept in row) + " |")
     print("| mean | " + " | ".join(f"{t:.3f}" for t in totals.values()) + " |")
 
 

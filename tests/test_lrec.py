@@ -243,7 +243,6 @@ def test_alternating_keeps_pruned_weights_zero(llama_dir, corpus):
     assert (w.reshape(w.shape[0], -1, 4) == 0).sum(-1).min() >= 2
 
 
-
 def test_int8_factors_buy_twice_the_rank_and_round_trip(llama_dir, corpus, tmp_path):
     out = tmp_path / "ckpt"
     passes = [{"gptq": {"bits": 2, "group_size": 32}}, {"lrec": {"extra_bits": 1.0, "factor_bits": 8}},

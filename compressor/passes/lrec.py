@@ -45,6 +45,12 @@ def rank_bits(in_features: int, out_features: int, factor_bits: int = 16) -> flo
     return low_rank_bits(in_features, out_features, 1, factor_bits) / (in_features * out_features)
 
 
+def output_error(error: torch.Tensor, hessian: torch.Tensor) -> float:
+    """||X error^T||_F^2 = tr(error H error^T) for error [out, in] and H = X^T X [in, in], in float64."""
+    e = error.double()
+    return (e @ hessian.double() * e).sum().item()
+
+
 @dataclass
 class LREC(Pass):
     """Error-correcting low-rank factors for linears quantized by an earlier pass (rtn, gptq)."""
@@ -102,20 +108,15 @@ class LREC(Pass):
                                   "quantization pass in the same recipe")
         rank = self.rank_for(q.in_features, q.out_features)
         H = hessian.double()
-
-        def output_error(e: torch.Tensor) -> float:  # ||X e^T||_F^2 = tr(e H e^T)
-            e = e.double()
-            return (e @ H * e).sum().item()
-
         error = dense - q.weight_dequantized(torch.float32)  # [out, in]
-        before = output_error(error)
+        before = output_error(error, H)
         best = None  # (output error, the state of q that gave it): a round that does worse is not kept
         for step in range(self.alternate + 1):
             factors = split_factors(*whitened_svd(error.T, hessian if self.whiten else None, self.damp), rank)
             q.set_low_rank(*factors, self.factor_bits)
             a, b = q.low_rank_factors()
             correction = (a @ b).T  # [out, in], as stored
-            after = output_error(error - correction)
+            after = output_error(error - correction, H)
             if best is None or after < best[0]:
                 best = (after, {k: v.clone() for k, v in q.state_dict().items()})
             if step < self.alternate:
