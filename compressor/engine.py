@@ -215,7 +215,10 @@ def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[
                   kind: str, device: torch.device, sink_weight: float = 1.0) -> dict[str, Any]:
     """Run the layer on every cached input with hooks on `linears`; return one statistic per linear:
     "input_sq_norms": sum_t x_t^2, [in] float64; "hessian": sum_t x_t x_t^T, [in, in] float32.
-    The first position of every window (the attention sink) counts `sink_weight` times in the sums."""
+    The first position of every window (the attention sink) counts `sink_weight` times in the sums.
+    Each window's forward stops as soon as every linear has seen its input (with all of a layer's linears
+    targeted, the last one's matmul and what follows it are skipped), so a linear called twice in one
+    forward counts its first call only."""
     if kind not in ("input_sq_norms", "hessian"):
         raise ValueError(f"unknown statistic {kind!r}")
     sums = {}
@@ -228,8 +231,12 @@ def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[
     # itself, so its id cannot be reused by a later tensor during the forward.
     shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    seen: set[str] = set()  # the linears whose input this window's forward has reached
+
     def hook(name: str):
-        def accumulate(module, inputs, output):
+        def accumulate(module, inputs):
+            if name in seen:
+                return
             if id(inputs[0]) not in shared:
                 x = inputs[0]  # [windows, L, in]
                 if sink_weight != 1.0:
@@ -247,13 +254,20 @@ def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[
                     raise CompressorError(f"non-finite calibration activations entering {name}")
                 shared[id(inputs[0])] = (inputs[0], stat)
             sums[name] += shared[id(inputs[0])][1]
+            seen.add(name)
+            if len(seen) == len(linears):
+                raise _Stop  # nothing later in the layer is needed
         return accumulate
 
-    handles = [lin.register_forward_hook(hook(name)) for name, lin in linears.items()]
+    handles = [lin.register_forward_pre_hook(hook(name)) for name, lin in linears.items()]
     try:
         for h in hidden:
-            run_layer(layer, h, kwargs, device)
+            try:
+                run_layer(layer, h, kwargs, device)
+            except _Stop:
+                pass
             shared.clear()
+            seen.clear()
     finally:
         for handle in handles:
             handle.remove()

@@ -129,7 +129,7 @@ def test_sink_weight_counts_the_first_token_of_every_window_that_many_times(kind
     layer = loaded.model.model.layers[0]
     linear = layer.mlp.down_proj
     seen = []
-    handle = linear.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0][0].double()))
+    handle = linear.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0][0].double()))
     stats = collect_stats(layer, {"down": linear}, hidden, layer_kwargs[0], kind, torch.device("cpu"), 9.0)["down"]
     handle.remove()
     weights = torch.ones(32, 1, dtype=torch.float64)
@@ -155,3 +155,20 @@ def test_non_finite_weights_name_the_linear(llama_dir):
     with pytest.raises(CompressorError, match=r"model\.layers\.1\.self_attn\.k_proj has NaN or Inf weights"):
         compress_model(loaded.model, loaded.adapter, [RTN(bits=4, group_size=32)], None, torch.device("cpu"),
                        progress=False)
+
+
+def test_statistics_pass_stops_once_every_linear_has_its_input(llama_dir):
+    from compressor.engine import capture_layer_inputs, collect_stats
+
+    loaded = load_model(str(llama_dir))
+    hidden, layer_kwargs = capture_layer_inputs(loaded.model, loaded.adapter, windows(n=2))
+    layer = loaded.model.model.layers[0]
+    ran = []
+    for name in ("mlp.gate_proj", "mlp.down_proj"):
+        layer.get_submodule(name).register_forward_hook(lambda module, inputs, output, name=name: ran.append(name))
+    collect_stats(layer, {"q": layer.self_attn.q_proj}, hidden, layer_kwargs[0], "hessian", torch.device("cpu"))
+    assert ran == []  # the MLP never ran
+    stats = collect_stats(layer, {"q": layer.self_attn.q_proj, "down": layer.mlp.down_proj}, hidden,
+                          layer_kwargs[0], "hessian", torch.device("cpu"))
+    assert ran == ["mlp.gate_proj", "mlp.gate_proj"]  # once per window; down_proj's own matmul skipped
+    assert stats["down"].abs().sum() > 0
