@@ -29,6 +29,27 @@ def protocol_windows(tokenizer: PreTrainedTokenizerBase, dataset: str = "bundled
     return eval_windows(tokenizer, text, seqlen)
 
 
+# Positions per head matmul in `window_nll`: Gemma-3's 262,144-word vocabulary makes a whole window's
+# float32 logits 2 GB (2047 x 262144 x 4 bytes); 256 positions at a time, 256 MB.
+HEAD_CHUNK = 256
+
+
+@torch.no_grad()
+def window_nll(model: PreTrainedModel, ids: torch.Tensor, chunk: int = HEAD_CHUNK) -> float:
+    """Summed NLL of ids[1:] [L-1] given their prefixes, for one window ids [L]. The decoder runs once and
+    the head `chunk` positions at a time, so the [L, vocab] logits never exist at once."""
+    hidden = model.get_decoder()(input_ids=ids[None], use_cache=False).last_hidden_state[0, :-1]  # [L-1, d]
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)  # Gemma-2 style tanh capping
+    nll = 0.0
+    for start in range(0, hidden.shape[0], chunk):
+        logits = head(hidden[start:start + chunk]).float()  # [chunk, vocab]
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        nll += F.cross_entropy(logits, ids[start + 1:start + 1 + chunk], reduction="sum").item()
+    return nll
+
+
 @torch.no_grad()  # without it a model whose parameters require grad keeps each window's graph
 def perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: str = "bundled:wikileads",
                seqlen: int = 2048, windows: int | None = None, text_field: str = "text",
@@ -42,10 +63,8 @@ def perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, datas
     device = next(model.parameters()).device
     nll_sum, count = 0.0, 0
     for ids in tqdm(chosen, desc="perplexity", disable=not progress, unit="window"):
-        ids = ids[None].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()  # [L-1, vocab]
-        nll_sum += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
-        count += ids.shape[1] - 1
+        nll_sum += window_nll(model, ids.to(device))
+        count += ids.shape[0] - 1
     nll = nll_sum / count
     return {
         "ppl": math.exp(nll),
