@@ -61,6 +61,9 @@ SUITES = {
             {"gptq": {"bits": 4, "group_size": 64, "sink_weight": 64, "clip_search": False}}],
         "GPTQ W4 g64 act-order, sink weight 64, clip search": [  # the W4 recipe
             {"gptq": {"bits": 4, "group_size": 64, "sink_weight": 64, "clip_search": True}}],
+        # llm-compressor's GPTQModifier default job (static act-order, min-max grid) at Gemma's group size
+        "GPTQ W4 g128 act-order, sink weight 1, no clip search": [
+            {"gptq": {"bits": 4, "group_size": 128, "sink_weight": 1, "clip_search": False}}],
     },
     # Issue 3's grid; GROUP stands for the model's group size (GROUP_SIZE below).
     "quantization-grid": {"dense": None} | {
