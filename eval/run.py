@@ -146,6 +146,31 @@ def calibration_ids(tokenizer, samples: int = CALIBRATION["samples"]):
                                CALIBRATION["seqlen"], CALIBRATION["seed"])
 
 
+def dense_layers(loaded, windows: int, indices: list[int]):
+    """Yield (index, layer, inputs, kwargs) for the decoder layers in `indices` of the dense model: each
+    layer's inputs on `windows` calibration windows, carried through the layers before it unchanged."""
+    import torch
+
+    from compressor.engine import capture_layer_inputs, run_layer
+
+    hidden, kwargs = capture_layer_inputs(loaded.model, loaded.adapter, calibration_ids(loaded.tokenizer, windows))
+    for i, layer in enumerate(loaded.adapter.decoder_layers(loaded.model)[:max(indices) + 1]):
+        if i in indices:
+            yield i, layer, hidden, kwargs[i]
+        if i < max(indices):
+            hidden = [run_layer(layer, h, kwargs[i], torch.device("cpu")) for h in hidden]
+
+
+def layer_hessians(layer, names: list[str], hidden: list, kwargs: dict) -> dict:
+    """sum_t x_t x_t^T [in, in] (float32) of each named linear's inputs, from the engine's statistics pass."""
+    import torch
+
+    from compressor.engine import collect_stats
+
+    linears = {name: layer.get_submodule(name) for name in names}
+    return collect_stats(layer, linears, hidden, kwargs, "hessian", torch.device("cpu"))
+
+
 def resolved(passes: list | None, model: str) -> list | None:
     """The suite's passes with GROUP replaced by the model's group size, one pass per step."""
     if passes is None:
@@ -237,9 +262,13 @@ def _run_job(model: str, method: str, passes: list | None, windows: int | None, 
         name = f"{model.removeprefix('bundled:')}-{method.replace(' ', '-').replace('%', 'pct').replace(':', 'of')}"
         recipe = {"model": model, "passes": passes, "output": str(work / name), "calibration": CALIBRATION}
         recipe_path = work / f"{name}.yaml"
-        recipe_path.write_text(yaml.safe_dump(recipe))
         report_path = work / f"{name}.run.json"
-        subprocess.run(compress_cmd("run", str(recipe_path), "--json", str(report_path)), check=True, cwd=ROOT)
+        text = yaml.safe_dump(recipe)
+        # a kept folder's checkpoint is reused when its compression finished (report written) on the same recipe
+        if not (report_path.exists() and recipe_path.exists() and recipe_path.read_text() == text):
+            recipe_path.write_text(text)
+            report_path.unlink(missing_ok=True)
+            subprocess.run(compress_cmd("run", str(recipe_path), "--json", str(report_path)), check=True, cwd=ROOT)
         report = json.loads(report_path.read_text())
         row.update(compress_wall_s=report["compress_wall_s"],
                    compress_peak_rss_mb=report["compress_memory"]["peak_rss_mb"])
@@ -321,6 +350,8 @@ def main() -> None:
     parser.add_argument("--conditions", help="what else ran on the machine meanwhile (replaces the file's text)")
     parser.add_argument("--add-conditions", help="a sentence added once to the file's text (queues running side "
                                                  "by side each add theirs without overwriting the other's)")
+    parser.add_argument("--work", help="the folder a failed or interrupted run kept: its finished compressions "
+                                       "are evaluated, not redone (their compress wall time and memory are kept)")
     args = parser.parse_args()
     methods = SUITES[args.suite]
     for method in args.methods or []:
@@ -336,8 +367,9 @@ def main() -> None:
         write(in_suite_order(rows, methods), stem, command, conditions_text(saved, args))
         return
     done = {(r["model"], r["method"]) for r in rows}
-    # Checkpoints go to a temporary folder, deleted after a clean run and kept (and named) after a failure.
-    tmp = tempfile.mkdtemp(dir=ROOT / "eval")
+    # Checkpoints go to a temporary folder, deleted after a clean run and kept (and named) after a failure;
+    # --work reuses such a folder: jobs whose compression finished there are only evaluated.
+    tmp = str(Path(args.work).resolve()) if args.work else tempfile.mkdtemp(dir=ROOT / "eval")
     for model in args.models:
         for method in args.methods or methods:
             if (model, method) in done:  # results accumulate across runs; delete the file to redo
@@ -347,13 +379,14 @@ def main() -> None:
                 try:
                     row = run_job(model, method, methods[method], args.windows, Path(tmp))
                 except subprocess.CalledProcessError:
-                    sys.exit(f"{model} {method} failed; its files are kept in {tmp}")
+                    sys.exit(f"{model} {method} failed; its files are kept in {tmp} (--work {tmp} reuses them)")
                 print(f"{model} {method}: ppl {row['ppl']:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
             # re-read: another run of this suite (a second queue) may have added rows or conditions meanwhile
             saved = saved_results(stem)
             rows = in_suite_order(saved.get("rows", []) + [row], methods)
             write(rows, stem, command, conditions_text(saved, args))
-    shutil.rmtree(tmp)
+    if not args.work:
+        shutil.rmtree(tmp)
 
 
 if __name__ == "__main__":
