@@ -10,9 +10,9 @@ Prints a markdown table: one row per linear, one column per method, and the mean
 import argparse
 
 import torch
-from run import GROUP_SIZE, calibration_ids
+from run import GROUP_SIZE, dense_layers, layer_hessians
 
-from compressor.models import adapter_for, load_model
+from compressor.models import load_model
 from compressor.passes.lrec import LREC, output_error
 from compressor.passes.quantize import GPTQ
 
@@ -25,36 +25,15 @@ METHODS = {  # name -> (LREC parameters, or None for GPTQ W3 alone)
 }
 
 
-def layer_hessians(model, layer: torch.nn.Module, windows: torch.Tensor) -> dict[str, torch.Tensor]:
-    """sum_t x_t x_t^T [in, in] (float32) of every linear's inputs in `layer`, over the windows."""
-    linears = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-    sums: dict[str, torch.Tensor] = {}
-
-    def hook(name: str):
-        def record(module, inputs, output):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
-            sums[name] = sums.get(name, 0) + x.T @ x
-        return record
-
-    handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
-    with torch.no_grad():
-        for window in windows:
-            model(window[None])
-    for h in handles:
-        h.remove()
-    return {name: s.float() for name, s in sums.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="bundled:smollm2-135m")
     parser.add_argument("--layer", type=int, default=5)
     parser.add_argument("--samples", type=int, default=4, help="calibration windows of 2048 tokens")
     args = parser.parse_args()
-    loaded = load_model(args.model)
-    model = loaded.model.eval()
-    layer = adapter_for(model).decoder_layers(model)[args.layer]
-    hessians = layer_hessians(model, layer, calibration_ids(loaded.tokenizer, args.samples))
+    _, layer, hidden, kwargs = next(dense_layers(load_model(args.model), args.samples, [args.layer]))
+    names = [name for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
+    hessians = layer_hessians(layer, names, hidden, kwargs)
     group = GROUP_SIZE[args.model]
     print(f"| {args.model} layer {args.layer} | " + " | ".join(METHODS) + " |")
     print("|---" * (len(METHODS) + 1) + "|")

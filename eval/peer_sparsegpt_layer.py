@@ -2,27 +2,23 @@
 
 Run with the peer's environment (it imports llm-compressor):
     .peer/bin/python eval/peer_sparsegpt_layer.py [--windows 8] [--layers 3 10 20]
-Prints, for each linear and pattern, both output errors tr(D H D^T) (D = W - W_pruned), the fraction of
-weights whose kept/pruned state differs and the largest weight difference. The Hessians are the dense
-model's (no earlier layer pruned), from the engine's own statistics pass.
+Prints, for each linear and pattern, both output errors tr(D H D^T) (D = W - W_pruned, in float64), the
+fraction of weights whose kept/pruned state differs and the largest weight difference. The Hessians are the
+dense model's (no earlier layer pruned), from the engine's own statistics pass.
 """
 
 import argparse
 
 import torch
 from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import sparsify_weight
-from run import calibration_ids
+from run import dense_layers, layer_hessians
 
-from compressor.engine import capture_layer_inputs, collect_stats, run_layer
 from compressor.models import load_model
+from compressor.passes.lrec import output_error
 from compressor.passes.prune import sparsegpt
 
 PATTERNS = {"50%": (0.5, None), "2:4": (0.5, (2, 4)), "4:8": (0.5, (4, 8))}
-
-
-def output_error(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
-    diff = weight - pruned  # [out, in]
-    return (diff @ hessian * diff).sum().item()
+LINEARS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")
 
 
 def peer_sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, nm: tuple[int, int] | None):
@@ -40,27 +36,19 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8, help="calibration windows of 2048 tokens")
     parser.add_argument("--layers", type=int, nargs="+", default=[3, 10, 20])
     args = parser.parse_args()
-    loaded = load_model(args.model)
-    ids = calibration_ids(loaded.tokenizer, args.windows)
-    hidden, kwargs = capture_layer_inputs(loaded.model, loaded.adapter, ids)
-    layers = loaded.adapter.decoder_layers(loaded.model)
     print("| layer | linear | pattern | ours tr(DHD^T) | llm-compressor | kept/pruned differ | max weight diff |")
     print("|---|---|---|---|---|---|---|")
-    for i, layer in enumerate(layers[:max(args.layers) + 1]):
-        if i in args.layers:
-            linears = {name: layer.get_submodule(name) for name in ("self_attn.q_proj", "self_attn.o_proj",
-                                                                     "mlp.down_proj")}
-            hessians = collect_stats(layer, linears, hidden, kwargs[i], "hessian", torch.device("cpu"))
-            for name, linear in linears.items():
-                weight = linear.weight.data.float()
-                for label, (sparsity, nm) in PATTERNS.items():
-                    ours = sparsegpt(weight, hessians[name], sparsity, nm)
-                    peer = peer_sparsegpt(weight, hessians[name], sparsity, nm)
-                    differ = ((ours == 0) != (peer == 0)).float().mean().item()
-                    print(f"| {i} | {name} | {label} | {output_error(weight, ours, hessians[name]):.5g} | "
-                          f"{output_error(weight, peer, hessians[name]):.5g} | {differ:.2e} | "
-                          f"{(ours - peer).abs().max().item():.3g} |", flush=True)
-        hidden = [run_layer(layer, h, kwargs[i], torch.device("cpu")) for h in hidden]
+    for i, layer, hidden, kwargs in dense_layers(load_model(args.model), args.windows, args.layers):
+        hessians = layer_hessians(layer, LINEARS, hidden, kwargs)
+        for name in LINEARS:
+            weight, hessian = layer.get_submodule(name).weight.data.float(), hessians[name]
+            for label, (sparsity, nm) in PATTERNS.items():
+                ours = sparsegpt(weight, hessian, sparsity, nm)
+                peer = peer_sparsegpt(weight, hessian, sparsity, nm)
+                differ = ((ours == 0) != (peer == 0)).float().mean().item()
+                print(f"| {i} | {name} | {label} | {output_error(weight - ours, hessian):.5g} | "
+                      f"{output_error(weight - peer, hessian):.5g} | {differ:.2e} | "
+                      f"{(ours - peer).abs().max().item():.3g} |", flush=True)
 
 
 if __name__ == "__main__":

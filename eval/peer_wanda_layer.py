@@ -5,18 +5,19 @@ Run with the peer's environment (it imports llm-compressor):
 Each side computes its own input statistic from the same inputs (ours: float64 sum_t x_tj^2 from the
 engine's statistics pass; theirs: a float32 running mean from `accumulate_row_scalars`, one call per
 window) and prunes the same float32 weight with it. Prints the fraction of weights whose kept/pruned state
-differs, and both scores' summed output error ||X (W - W_pruned)^T||^2 on those inputs. Inputs are the
-dense model's (no earlier layer pruned).
+differs, and both scores' summed output error ||X (W - W_pruned)^T||^2 on those inputs (in float64).
+Inputs are the dense model's (no earlier layer pruned).
 """
 
 import argparse
 
 import torch
 from llmcompressor.modifiers.pruning.wanda.wanda_sparsify import accumulate_row_scalars, sparsify_weight
-from run import calibration_ids
+from run import dense_layers, layer_hessians
 
-from compressor.engine import capture_layer_inputs, collect_stats, run_layer
+from compressor.engine import collect_stats, run_layer
 from compressor.models import load_model
+from compressor.passes.lrec import output_error
 from compressor.passes.prune import Wanda
 
 PATTERNS = {"50%": ("unstructured", 0.5), "2:4": ("2:4", None), "4:8": ("4:8", None)}
@@ -47,35 +48,27 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8, help="calibration windows of 2048 tokens")
     parser.add_argument("--layers", type=int, nargs="+", default=[3, 10, 16])
     args = parser.parse_args()
-    loaded = load_model(args.model)
-    ids = calibration_ids(loaded.tokenizer, args.windows)
-    hidden, kwargs = capture_layer_inputs(loaded.model, loaded.adapter, ids)
-    layers = loaded.adapter.decoder_layers(loaded.model)
     print("| layer | linear | pattern | kept/pruned differ | ours sum ||X D^T||^2 | llm-compressor |")
     print("|---|---|---|---|---|---|")
-    for i, layer in enumerate(layers[:max(args.layers) + 1]):
-        if i in args.layers:
-            linears = {name: layer.get_submodule(name) for name in LINEARS}
-            ours_stats = collect_stats(layer, linears, hidden, kwargs[i], "input_sq_norms", torch.device("cpu"))
-            hessians = collect_stats(layer, linears, hidden, kwargs[i], "hessian", torch.device("cpu"))
-            peer_stats = peer_row_scalars(layer, linears, hidden, kwargs[i])
-            for name, linear in linears.items():
-                weight = linear.weight.data.float()
-                for label, (pattern, sparsity) in PATTERNS.items():
-                    ours = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-                    ours.weight.data = weight.clone()
-                    Wanda(sparsity=sparsity, pattern=pattern).apply(name, ours, ours_stats[name])
-                    n, m = (0, 0) if sparsity else map(int, pattern.split(":"))
-                    peer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-                    peer.weight.data = weight.clone()
-                    # llm-compressor's prune_n counts the pruned weights of every m (2:4, 4:8: as many as kept)
-                    pruned = sparsify_weight(peer, {peer: peer_stats[name]}, 0.5, m - n, m).float()
-                    differ = ((ours.weight == 0) != (pruned == 0)).float().mean().item()
-                    errors = [((weight - w) @ hessians[name] * (weight - w)).sum().item()
-                              for w in (ours.weight.data, pruned)]
-                    print(f"| {i} | {name} | {label} | {differ:.2e} | {errors[0]:.6g} | {errors[1]:.6g} |",
-                          flush=True)
-        hidden = [run_layer(layer, h, kwargs[i], torch.device("cpu")) for h in hidden]
+    for i, layer, hidden, kwargs in dense_layers(load_model(args.model), args.windows, args.layers):
+        linears = {name: layer.get_submodule(name) for name in LINEARS}
+        ours_stats = collect_stats(layer, linears, hidden, kwargs, "input_sq_norms", torch.device("cpu"))
+        hessians = layer_hessians(layer, LINEARS, hidden, kwargs)
+        peer_stats = peer_row_scalars(layer, linears, hidden, kwargs)
+        for name, linear in linears.items():
+            weight = linear.weight.data.float()
+            for label, (pattern, sparsity) in PATTERNS.items():
+                ours = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+                ours.weight.data = weight.clone()
+                Wanda(sparsity=sparsity, pattern=pattern).apply(name, ours, ours_stats[name])
+                n, m = (0, 0) if sparsity else map(int, pattern.split(":"))
+                peer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+                peer.weight.data = weight.clone()
+                # llm-compressor's prune_n counts the pruned weights of every m (2:4, 4:8: as many as kept)
+                pruned = sparsify_weight(peer, {peer: peer_stats[name]}, 0.5, m - n, m).float()
+                differ = ((ours.weight == 0) != (pruned == 0)).float().mean().item()
+                errors = [output_error(weight - w, hessians[name]) for w in (ours.weight.data, pruned)]
+                print(f"| {i} | {name} | {label} | {differ:.2e} | {errors[0]:.6g} | {errors[1]:.6g} |", flush=True)
 
 
 if __name__ == "__main__":
