@@ -91,15 +91,19 @@ def weights_origin(folder: str | None) -> str:
     return f"our conversion (transformers {json.loads(source.read_text())['transformers']})"
 
 
+def run_oneshot(model: torch.nn.Module, ids: torch.Tensor, recipe) -> None:
+    """llm-compressor's `oneshot` with `recipe` on the calibration windows `ids` [samples, seqlen], in order."""
+    dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    oneshot(model=model, dataset=dataset, recipe=recipe, num_calibration_samples=len(ids),
+            max_seq_length=ids.shape[1], shuffle_calibration_samples=False)
+
+
 def run(model_source: str, method: str, samples: int, windows: int | None, folder: str | None) -> dict:
     loaded = load_model(folder or model_source)
     check_tokenizer(model_source, loaded.tokenizer)
     ids = calibration_ids(loaded.tokenizer, samples)
-    dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
-    recipe = METHODS[method]()
     start = time.perf_counter()
-    oneshot(model=loaded.model, dataset=dataset, recipe=recipe, num_calibration_samples=samples,
-            max_seq_length=SEQLEN, shuffle_calibration_samples=False)
+    run_oneshot(loaded.model, ids, METHODS[method]())
     compress_wall = time.perf_counter() - start
     compress_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = perplexity(loaded.model, loaded.tokenizer, windows=windows, progress=False)
