@@ -1,0 +1,102 @@
+"""How far rounding-sized changes to Wanda's statistics move the pruned model's perplexity.
+
+Two correct Wanda implementations differ in how they sum ||X_j||^2: we sum in float64, llm-compressor keeps a
+float32 running mean (relative error of order 1e-6 after 64 windows). Either choice flips the near-tied
+weights of some rows; each flip changes the next layer's inputs, so later layers pick other masks. This
+script measures what that costs: it runs our Wanda with every linear's input norms multiplied by
+(1 + eps * N(0, 1)), one draw per seed (seed 0: unperturbed), and reports perplexity on the first
+--eval-windows eval windows, the fraction of decoder-linear weights whose kept/pruned state differs from
+seed 0, and per decoder layer the largest such fraction in one of its linears. A gap between two tools
+smaller than this spread says nothing about which is better.
+
+    python eval/wanda_tie_sensitivity.py --model bundled:gemma-3-270m --sparsity 2:4 --seeds 0 1 2 3
+
+Appends one JSON line per seed to --out (so a killed run keeps what it finished).
+"""
+
+import argparse
+import json
+import time
+import zlib
+from pathlib import Path
+
+import torch
+from run import CALIBRATION, SPARSITIES, calibration_ids
+
+from compressor import engine
+from compressor.engine import compress_model
+from compressor.evaluate import perplexity
+from compressor.models import LoadedModel, load_model
+from compressor.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+COLLECT_STATS = engine.collect_stats  # the engine's own, which each seed's wrapper calls
+
+
+def perturbed_stats(seed: int, eps: float):
+    """engine.collect_stats, with each input-norm statistic scaled by 1 + eps * N(0, 1) (seeded by linear)."""
+
+    def collect_perturbed(layer, linears, *args, **kwargs):
+        stats = COLLECT_STATS(layer, linears, *args, **kwargs)
+        for name, stat in stats.items():
+            if stat.dim() == 1 and seed != 0:  # input_sq_norms: [in] float64
+                generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                stat *= 1 + eps * torch.randn(stat.shape, generator=generator, dtype=stat.dtype)
+        return stats
+    return collect_perturbed
+
+
+def masks(loaded: LoadedModel) -> dict[str, torch.Tensor]:
+    return {f"{i}.{name}": m.weight == 0 for i, layer in enumerate(loaded.adapter.decoder_layers(loaded.model))
+            for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--sparsity", default="2:4", choices=[label for label, _ in SPARSITIES])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--eps", type=float, default=1e-6)
+    parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--calibration-windows", type=int, default=CALIBRATION["samples"])
+    parser.add_argument("--out", type=Path, default=ROOT / "eval" / "results" / "wanda-tie-sensitivity.jsonl")
+    args = parser.parse_args()
+
+    reference = None
+    recipe = load_recipe({"model": args.model, "passes": [{"wanda": dict(SPARSITIES)[args.sparsity]}]})
+    for seed in args.seeds:
+        loaded = load_model(args.model)
+        ids = calibration_ids(loaded.tokenizer, args.calibration_windows)
+        engine.collect_stats = perturbed_stats(seed, args.eps)
+        start = time.perf_counter()
+        with torch.no_grad():
+            compress_model(loaded.model, loaded.adapter, recipe.passes, ids, torch.device("cpu"), False)
+        compress_s = time.perf_counter() - start
+        result = perplexity(loaded.model, loaded.tokenizer, windows=args.eval_windows, progress=False)
+        current = masks(loaded)
+        if seed == 0:
+            reference = current
+        differ, by_layer = None, None
+        if reference is not None:
+            differ = sum((current[k] != reference[k]).sum().item() for k in current) / sum(
+                v.numel() for v in current.values())
+            by_layer = {}  # decoder layer -> the largest fraction differing in one of its linears
+            for k in current:
+                layer = int(k.split(".")[0])
+                by_layer[layer] = max(by_layer.get(layer, 0.0), (current[k] != reference[k]).float().mean().item())
+        row = {"model": args.model, "method": f"wanda {args.sparsity}", "seed": seed, "eps": args.eps,
+               "ppl": result["ppl"], "protocol": result["protocol"], "windows": result["windows"],
+               "windows_in_split": result["windows_in_split"],
+               "calibration": CALIBRATION | {"samples": args.calibration_windows},
+               "mask_differs_from_seed_0": differ,
+               "most_differing_linear_by_layer": by_layer and [by_layer[i] for i in sorted(by_layer)],
+               "compress_s": round(compress_s, 1)}
+        print(json.dumps(row), flush=True)
+        with args.out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
