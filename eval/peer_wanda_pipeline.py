@@ -14,18 +14,12 @@ import argparse
 
 import torch
 from peer import METHODS, run_oneshot
-from run import SPARSITIES, calibration_ids
+from run import SPARSITIES, calibration_ids, pruned_masks
 
 from compressor.engine import compress_model
 from compressor.evaluate import perplexity
 from compressor.models import LoadedModel, load_model
 from compressor.recipe import load_recipe
-
-
-def pruned_masks(loaded: LoadedModel) -> list[dict[str, torch.Tensor]]:
-    """Which weights are zero, for every linear of every decoder layer (by the linear's name in its layer)."""
-    return [{name: m.weight == 0 for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-            for layer in loaded.adapter.decoder_layers(loaded.model)]
 
 
 def main() -> None:

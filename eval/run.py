@@ -171,6 +171,14 @@ def layer_hessians(layer, names: list[str], hidden: list, kwargs: dict) -> dict:
     return collect_stats(layer, linears, hidden, kwargs, "hessian", torch.device("cpu"))
 
 
+def pruned_masks(loaded) -> list[dict]:
+    """Which weights are zero, for every linear of every decoder layer (by the linear's name in its layer)."""
+    import torch
+
+    return [{name: m.weight == 0 for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+            for layer in loaded.adapter.decoder_layers(loaded.model)]
+
+
 def resolved(passes: list | None, model: str) -> list | None:
     """The suite's passes with GROUP replaced by the model's group size, one pass per step."""
     if passes is None:

@@ -21,17 +21,15 @@ import zlib
 from pathlib import Path
 
 import torch
-from run import CALIBRATION, SPARSITIES, calibration_ids
+from run import CALIBRATION, SPARSITIES, calibration_ids, pruned_masks
 
 from compressor import engine
 from compressor.engine import compress_model
 from compressor.evaluate import perplexity
-from compressor.models import LoadedModel, load_model
+from compressor.models import load_model
 from compressor.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
 COLLECT_STATS = engine.collect_stats  # the engine's own, which each seed's wrapper calls
 
 
@@ -46,11 +44,6 @@ def perturbed_stats(seed: int, eps: float):
                 stat *= 1 + eps * torch.randn(stat.shape, generator=generator, dtype=stat.dtype)
         return stats
     return collect_perturbed
-
-
-def masks(loaded: LoadedModel) -> dict[str, torch.Tensor]:
-    return {f"{i}.{name}": m.weight == 0 for i, layer in enumerate(loaded.adapter.decoder_layers(loaded.model))
-            for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
 def main() -> None:
@@ -75,23 +68,22 @@ def main() -> None:
             compress_model(loaded.model, loaded.adapter, recipe.passes, ids, torch.device("cpu"), False)
         compress_s = time.perf_counter() - start
         result = perplexity(loaded.model, loaded.tokenizer, windows=args.eval_windows, progress=False)
-        current = masks(loaded)
+        current = pruned_masks(loaded)  # per decoder layer: linear name -> mask
         if seed == 0:
             reference = current
         differ, by_layer = None, None
         if reference is not None:
-            differ = sum((current[k] != reference[k]).sum().item() for k in current) / sum(
-                v.numel() for v in current.values())
-            by_layer = {}  # decoder layer -> the largest fraction differing in one of its linears
-            for k in current:
-                layer = int(k.split(".")[0])
-                by_layer[layer] = max(by_layer.get(layer, 0.0), (current[k] != reference[k]).float().mean().item())
+            pairs = [(mask, ref[name]) for layer, ref in zip(current, reference, strict=True)
+                     for name, mask in layer.items()]
+            differ = sum((a != b).sum().item() for a, b in pairs) / sum(a.numel() for a, _ in pairs)
+            by_layer = [max((mask != ref[name]).float().mean().item() for name, mask in layer.items())
+                        for layer, ref in zip(current, reference, strict=True)]
         row = {"model": args.model, "method": f"wanda {args.sparsity}", "seed": seed, "eps": args.eps,
                "ppl": result["ppl"], "protocol": result["protocol"], "windows": result["windows"],
                "windows_in_split": result["windows_in_split"],
                "calibration": CALIBRATION | {"samples": args.calibration_windows},
                "mask_differs_from_seed_0": differ,
-               "most_differing_linear_by_layer": by_layer and [by_layer[i] for i in sorted(by_layer)],
+               "most_differing_linear_by_layer": by_layer,
                "compress_s": round(compress_s, 1)}
         print(json.dumps(row), flush=True)
         with args.out.open("a") as f:
