@@ -25,8 +25,10 @@ from run import CALIBRATION, SPARSITIES, calibration_ids, pruned_masks
 
 from compressor import engine
 from compressor.engine import compress_model
+from compressor.errors import CompressorError
 from compressor.evaluate import perplexity
 from compressor.models import load_model
+from compressor.models.sources import resolve
 from compressor.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +58,12 @@ def main() -> None:
     parser.add_argument("--calibration-windows", type=int, default=CALIBRATION["samples"])
     parser.add_argument("--out", type=Path, default=ROOT / "eval" / "results" / "wanda-tie-sensitivity.jsonl")
     args = parser.parse_args()
+    if min(args.calibration_windows, args.eval_windows) < 1:
+        parser.error("--calibration-windows and --eval-windows need at least 1 window each")
+    try:
+        resolve(args.model)  # a model that cannot load fails here, with the loader's message, not mid-run
+    except CompressorError as error:
+        parser.error(str(error))
 
     reference = None
     recipe = load_recipe({"model": args.model, "passes": [{"wanda": dict(SPARSITIES)[args.sparsity]}]})
