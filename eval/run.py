@@ -113,6 +113,9 @@ SUITES = {
             {"lrec": {"extra_bits": 1.0, "alternate": 4, "factor_bits": 8}}]
         + ([{"lrec_refine": {"steps": 100}}] if refine else [])
         for refine in (False, True)
+    } | {  # Gemma's best W2 passes (symmetric, no alternation, unrefined) with int8 factors
+        "GPTQ W2 + LREC 1.0 extra bits int8": [
+            {"gptq": {"bits": 2, "group_size": GROUP}}, {"lrec": {"extra_bits": 1.0, "factor_bits": 8}}],
     } | {  # the refinement also training the group scales (eval/results/w2-lrec-windows4.md, session 11)
         "GPTQ W2 asymmetric + LREC 1.0 extra bits, alternate 4 refined with scales": [
             {"gptq": {"bits": 2, "group_size": GROUP, "symmetric": False}},
@@ -378,6 +381,7 @@ def main() -> None:
     # Checkpoints go to a temporary folder, deleted after a clean run and kept (and named) after a failure;
     # --work reuses such a folder: jobs whose compression finished there are only evaluated.
     tmp = str(Path(args.work).resolve()) if args.work else tempfile.mkdtemp(dir=ROOT / "eval")
+    Path(tmp).mkdir(parents=True, exist_ok=True)  # a --work folder named for a first run need not exist yet
     for model in args.models:
         for method in args.methods or methods:
             if (model, method) in done:  # results accumulate across runs; delete the file to redo
