@@ -98,6 +98,7 @@ def evaluate(model: "PreTrainedModel | str", tokenizer: PreTrainedTokenizerBase 
         report = perplexity(model, tokenizer, dataset, seqlen, windows, progress=progress)
     finally:
         model.to(home)
+    report["threads"] = torch.get_num_threads()
     report["bytes_on_disk"] = checkpoint.weight_bytes(folder) if folder else None
     cc = getattr(model, "compression_config", None)
     report["linear_bits_per_weight"] = checkpoint.linear_bits_per_weight(cc) if cc else None
@@ -123,6 +124,7 @@ def run(recipe_path: "str | Path | dict", overwrite: bool = False, progress: boo
     if not ev:  # the dense counts that compression recorded
         report["before"] = {**model.compression_config["parameters"]["dense"], **size}
     report["compress_wall_s"] = round(time.perf_counter() - start, 1)
+    report["threads"] = torch.get_num_threads()
     report["compress_memory"] = peak_memory(resolve_device(recipe.device))
     del loaded, model
     if ev:

@@ -40,6 +40,18 @@ class _Command(click.Command):
                 ctx.exit(2)
 
 
+def _threads_option(command):
+    return click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch (default: "
+                        "torch's choice, one per core); set it when other jobs share the machine's cores.")(command)
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 @click.group()
 @click.version_option(package_name="compressor")
 def main() -> None:
@@ -56,10 +68,12 @@ def main() -> None:
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the report here.")
-def run(recipe: str, overwrite: bool, json_path: str | None) -> None:
+@_threads_option
+def run(recipe: str, overwrite: bool, json_path: str | None, threads: int | None) -> None:
     """Compress a model by RECIPE (YAML) and save the checkpoint; evaluate before/after if it asks."""
     from compressor.api import run as run_recipe
 
+    _set_threads(threads)
     report = run_recipe(recipe, overwrite=overwrite)
     before, after = report["before"], report["after"]
     rows = []
@@ -72,7 +86,9 @@ def run(recipe: str, overwrite: bool, json_path: str | None) -> None:
         rows.append(["bits per weight (quantized linears)", "-", _bits(after["linear_bits_per_weight"])])
     click.echo(tabulate(rows, headers=["", "before", "after"], tablefmt="github"))
     memory = report["compress_memory"]
-    click.echo(f"compressed in {report['compress_wall_s']} s, peak RSS {memory['peak_rss_mb']:.0f} MB; "
+    threads = report["threads"]
+    click.echo(f"compressed in {report['compress_wall_s']} s on {threads} thread{'s' * (threads > 1)}, "
+               f"peak RSS {memory['peak_rss_mb']:.0f} MB; "
                f"checkpoint: {report['output']}")
     report_path = Path(report["output"]) / "compress_report.json"
     report_path.write_text(json.dumps(report, indent=2) + "\n")
@@ -89,17 +105,21 @@ def run(recipe: str, overwrite: bool, json_path: str | None) -> None:
               help="bundled:wikileads (its eval split), or a .txt/.jsonl file or saved dataset.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the JSON here.")
-def eval_(model: str, windows: int | None, seqlen: int, dataset: str, device: str, json_path: str | None) -> None:
+@_threads_option
+def eval_(model: str, windows: int | None, seqlen: int, dataset: str, device: str, json_path: str | None,
+          threads: int | None) -> None:
     """Perplexity of MODEL (bundled:NAME, folder, .gguf, hub id or checkpoint) by protocol v1."""
     from compressor.api import evaluate
 
+    _set_threads(threads)
     report = {"model": model, **evaluate(model, dataset=dataset, seqlen=seqlen, windows=windows, device=device)}
     rows = [["perplexity", f"{report['ppl']:.3f}"], ["protocol", _protocol(report)],
             *([label, f"{report[key]:,}"] for key, label in PARAMETER_ROWS),
             ["weights on disk", _mb(report["bytes_on_disk"])],
             ["bits per weight (quantized linears)", _bits(report["linear_bits_per_weight"])],
             ["wall time", f"{report['eval_wall_s']} s"],
-            ["peak RSS", f"{report['peak_rss_mb']:.0f} MB"], ["device", report["device"]]]
+            ["peak RSS", f"{report['peak_rss_mb']:.0f} MB"], ["device", report["device"]],
+            ["threads", report["threads"]]]
     click.echo(tabulate(rows, tablefmt="github", headers=[model, ""]))
     text = json.dumps(report, indent=2)
     click.echo(text)

@@ -21,14 +21,17 @@ def invoke(*args):
 
 
 def test_run_info_and_eval_end_to_end(llama_dir, corpus, tmp_path):
+    threads = torch.get_num_threads()  # --threads sets the whole process's count; restored at the end
     out = tmp_path / "out"
     recipe = recipe_dict(llama_dir, corpus, [{"wanda": {"sparsity": 0.5, "ignore": ["re:.*down_proj"]}},
                                              {"magnitude": {"pattern": "2:4", "targets": ["re:.*down_proj"]}}], out,
                          evaluate={"perplexity": {"dataset": str(corpus), "seqlen": 64, "windows": 4}})
-    result = invoke("run", write_recipe(tmp_path, recipe))
+    result = invoke("run", write_recipe(tmp_path, recipe), "--threads", 1)
     assert result.exit_code == 0, result.output
     assert "windows=4" in result.output and "nonzero parameters" in result.output
+    assert "on 1 thread," in result.output
     report = json.loads((out / "compress_report.json").read_text())
+    assert report["threads"] == 1 and report["after"]["threads"] == 1
     assert report["after"]["nonzero_parameters"] < report["before"]["nonzero_parameters"]
     assert report["after"]["ppl"] > 1
 
@@ -41,6 +44,7 @@ def test_run_info_and_eval_end_to_end(llama_dir, corpus, tmp_path):
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output[result.output.index("{"):])
     assert payload["windows"] == 2 and payload["ppl"] == pytest.approx(report["after"]["ppl"], rel=0.5)
+    torch.set_num_threads(threads)
 
 
 BAD_RECIPES = {
@@ -111,6 +115,11 @@ def test_running_out_of_memory_in_the_hessian_says_what_to_do_and_writes_nothing
     assert "pass gptq ran out of memory" in result.output and "decoder layer 0" in result.output
     assert "128 x 128 float32 Hessian" in result.output and "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
+def test_zero_threads_is_refused(tmp_path):
+    result = invoke("eval", tmp_path, "--threads", 0)
+    assert result.exit_code == 2 and "--threads" in result.output
 
 
 def test_malformed_yaml(tmp_path):
