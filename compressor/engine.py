@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 from compressor.errors import CompressorError
 from compressor.models import Adapter
 from compressor.passes import Pass
-from compressor.passes.base import LayerPass, layer_output, matches
+from compressor.passes.base import PRUNED, LayerPass, layer_output, matches
 
 
 class _Stop(Exception):
@@ -107,9 +107,10 @@ def compress_model(model: PreTrainedModel, adapter: Adapter, passes: list[Pass],
             bar.update()
         if needs_data and i + 1 < len(layers):
             hidden = outputs if outputs is not None else [run_layer(layer, h, kwargs, device) for h in hidden]
-        for module in layer.modules():  # what quantizers keep for lrec: the float weight and the quantizer
-            module.__dict__.pop("dense_weight", None)
+        for module in layer.modules():  # what quantizers keep for lrec (the float weight, the quantizer), and
+            module.__dict__.pop("dense_weight", None)  # the mark pruning leaves for the quantizers
             module.__dict__.pop("requantize", None)
+            module.__dict__.pop(PRUNED, None)
         layer.to(home)
     for p in passes:
         if isinstance(p, LayerPass):

@@ -8,6 +8,7 @@ from torch import nn
 import compressor
 from compressor.errors import CompressorError
 from compressor.nn import QuantLinear
+from compressor.passes.base import PRUNED
 from compressor.passes.quantize import GPTQ, RTN, gptq, grid, rtn, to_codes
 
 
@@ -120,6 +121,33 @@ def test_prune_then_quantize_is_allowed(llama_dir, corpus):
     passes = [{"magnitude": {"sparsity": 0.5}}, {"rtn": {"bits": 8, "group_size": 32}}]
     model = compressor.compress(recipe_dict(llama_dir, corpus, passes), progress=False)
     assert isinstance(model.model.layers[1].self_attn.q_proj, QuantLinear)
+
+
+def test_gptq_updates_zero_weights_it_was_not_told_are_pruned():
+    # A model dequantized from GGUF has many exact zeros (6% of Gemma-3-270m's q_proj); they are weights,
+    # and freezing them at zero costs GPTQ output error. Only pruned ones must stay zero.
+    x = correlated_inputs()
+    w = torch.randn(48, 96)
+    w[torch.rand(48, 96, generator=torch.Generator().manual_seed(1)) < 0.1] = 0
+    zero, H = w == 0, x.T @ x
+
+    def quantized(pruned):
+        codes, scales, zeros = gptq(w, H, 4, 32, True, act_order=True, pruned=pruned)
+        g = torch.arange(96) // 32
+        return (codes - zeros[:, g]) * scales[:, g]
+
+    free, frozen = quantized(None), quantized(zero)
+    assert (frozen[zero] == 0).all() and (free[zero] != 0).any()
+    assert (x @ (free - w).T).norm() < 0.95 * (x @ (frozen - w).T).norm()
+
+
+@pytest.mark.parametrize("pruner", ["magnitude", "wanda"])
+def test_prune_then_gptq_keeps_the_pruned_zeros(pruner, llama_dir, corpus):
+    passes = [{pruner: {"pattern": "2:4"}}, {"gptq": {"bits": 4, "group_size": 32, "ignore": ["re:.*down_proj"]}}]
+    model = compressor.compress(recipe_dict(llama_dir, corpus, passes), progress=False)
+    w = model.model.layers[1].mlp.up_proj.weight_dequantized()
+    assert ((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all()
+    assert not hasattr(model.model.layers[1].mlp.down_proj, PRUNED)  # pruned, not quantized: the mark is gone
 
 
 def test_bad_quantization_parameters():

@@ -34,6 +34,11 @@ def matches(name: str, module: nn.Module, patterns: list[str]) -> bool:
     return False
 
 
+# A pruning pass sets this attribute on the linears it prunes, so that a later pass on the same layer
+# (a quantizer) keeps their zeros zero; the engine removes it when the layer is done.
+PRUNED = "pruned_by_earlier_pass"
+
+
 @dataclass
 class Pass:
     """A compression method applied, layer by layer, to the targeted linears of each decoder layer.

@@ -14,7 +14,7 @@ from torch import nn
 
 from compressor.errors import CompressorError
 from compressor.nn import SparseLinear
-from compressor.passes.base import ParamError, Pass
+from compressor.passes.base import PRUNED, ParamError, Pass
 from compressor.passes.quantize import check_damp, check_sink_weight, inverse_hessian_cholesky
 
 
@@ -88,6 +88,7 @@ class _Prune(Pass):
         nm = parse_pattern(self.pattern)
         keep = row_keep_mask(score, self.sparsity) if nm is None else nm_keep_mask(score, *nm)
         weight.mul_(keep.to(weight.dtype))
+        setattr(linear, PRUNED, True)
         zeros = (weight == 0).sum().item()
         return linear, {"pass": self.name, "pattern": self.pattern, "sparsity": zeros / weight.numel()}
 
@@ -182,6 +183,7 @@ class SparseGPT(_Prune):
         pruned = sparsegpt(weight.float(), hessian.to(weight.device), self.sparsity or 0.0,
                            parse_pattern(self.pattern), self.damp, self.block_size)
         weight.copy_(pruned.to(weight.dtype))
+        setattr(linear, PRUNED, True)
         zeros = (weight == 0).sum().item()
         return linear, {"pass": self.name, "pattern": self.pattern, "sparsity": zeros / weight.numel()}
 

@@ -18,7 +18,7 @@ from torch import nn
 from compressor.errors import CompressorError
 from compressor.formats import SUPPORTED_BITS, pack
 from compressor.nn import QuantLinear
-from compressor.passes.base import ParamError, Pass
+from compressor.passes.base import PRUNED, ParamError, Pass
 
 SCALE_DTYPE = torch.float16
 
@@ -109,18 +109,21 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-         damp: float = 0.01, block_size: int = 128, act_order: bool = False, clip_search: bool = False):
+         damp: float = 0.01, block_size: int = 128, act_order: bool = False, clip_search: bool = False,
+         pruned: torch.Tensor | None = None):
     """GPTQ: quantize columns one at a time, spreading each column's error over the columns not yet
     quantized through the inverse Hessian H = X^T X of the layer's calibration inputs.
 
     weight [out, in], hessian [in, in] (float32 sums; the scale of H does not matter).
     With act_order, columns go in order of decreasing H_jj; group grids are then fixed from the
     original weights up front ("static groups"), so codes stay in the original column order and
-    the runtime needs no permutation. Weights that are exactly zero (pruned earlier) stay zero.
+    the runtime needs no permutation. `pruned` [out, in] (bool): weights an earlier pass pruned, which
+    stay zero. Other weights that happen to be zero are quantized and updated like any other (a model
+    dequantized from GGUF has many: 6% of Gemma-3-270m's q_proj weights; eval/results/gptq-w4-rounding-spread.md).
     Returns codes [out, in], scales and zeros [out, groups].
     """
     W = weight.clone().float()
-    pruned = W == 0
+    pruned = torch.zeros_like(W, dtype=torch.bool) if pruned is None else pruned.clone()
     H = hessian.clone().float()
     out_features, in_features = W.shape
     dead = torch.diag(H) == 0
@@ -177,7 +180,8 @@ class _Quantize(Pass):
             raise ParamError("group_size", f"got {self.group_size}; use a positive integer (32, 64, 128, ...) "
                                            "or null for one group per output channel")
 
-    def quantize(self, weight: torch.Tensor, stats, group_size: int):
+    def quantize(self, weight: torch.Tensor, stats, group_size: int, pruned: torch.Tensor | None):
+        """Codes, scales and zeros for weight [out, in]; the weights in `pruned` [out, in] (or None) must stay 0."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -190,8 +194,13 @@ class _Quantize(Pass):
         q = QuantLinear(linear.in_features, linear.out_features, self.bits, group_size, linear.bias is not None,
                         SCALE_DTYPE, linear.weight.dtype).to(linear.weight.device)
 
+        # pruned by an earlier pass (engine.PRUNED marks the linear): those zeros stay; a dense weight's
+        # zeros (common in models dequantized from GGUF) are weights like any other
+        pruned = (weight == 0) if getattr(linear, PRUNED, False) else None
+
         def requantize(target: torch.Tensor) -> None:  # quantize target [out, in] into q's codes
-            codes, scales, zeros = self.quantize(target.masked_fill(weight == 0, 0), stats, group_size)
+            target = target if pruned is None else target.masked_fill(pruned, 0)
+            codes, scales, zeros = self.quantize(target, stats, group_size, pruned)
             q.qweight.copy_(pack(codes.long(), self.bits))
             q.scales.copy_(scales)
             q.zeros.copy_(zeros)
@@ -215,7 +224,7 @@ class RTN(_Quantize):
 
     name: ClassVar[str] = "rtn"
 
-    def quantize(self, weight, stats, group_size):
+    def quantize(self, weight, stats, group_size, pruned):  # a zero weight rounds to exactly zero on every grid
         return rtn(weight, self.bits, group_size, self.symmetric, self.clip_search)
 
 
@@ -249,6 +258,6 @@ class GPTQ(_Quantize):
         if self.block_size <= 0:
             raise ParamError("block_size", f"got {self.block_size}; use a positive integer such as 128")
 
-    def quantize(self, weight, hessian, group_size):
+    def quantize(self, weight, hessian, group_size, pruned):
         return gptq(weight, hessian.to(weight.device), self.bits, group_size, self.symmetric, self.damp,
-                    self.block_size, self.act_order, self.clip_search)
+                    self.block_size, self.act_order, self.clip_search, pruned)
