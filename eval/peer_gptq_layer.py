@@ -43,7 +43,7 @@ def ours_gptq(weight: torch.Tensor, hessian: torch.Tensor, group_size: int) -> t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="bundled:gemma-3-270m")
+    parser.add_argument("--model", default="bundled:gemma-3-270m", choices=list(GROUP_SIZE))
     parser.add_argument("--windows", type=int, default=8, help="calibration windows of 2048 tokens")
     parser.add_argument("--layers", type=int, nargs="+", default=[3, 9, 15])
     args = parser.parse_args()

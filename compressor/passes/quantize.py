@@ -194,7 +194,7 @@ class _Quantize(Pass):
         q = QuantLinear(linear.in_features, linear.out_features, self.bits, group_size, linear.bias is not None,
                         SCALE_DTYPE, linear.weight.dtype).to(linear.weight.device)
 
-        # pruned by an earlier pass (engine.PRUNED marks the linear): those zeros stay; a dense weight's
+        # pruned by an earlier pass (it set PRUNED on the linear): those zeros stay; a dense weight's
         # zeros (common in models dequantized from GGUF) are weights like any other
         pruned = (weight == 0) if getattr(linear, PRUNED, False) else None
 
