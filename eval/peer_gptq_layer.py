@@ -15,7 +15,7 @@ import torch
 from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.utils import calculate_qparams
 from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
-from run import GROUP_SIZE, dense_layers, layer_hessians
+from run import GROUP_SIZE, dense_linears
 
 from compressor.models import load_model
 from compressor.passes.lrec import output_error
@@ -51,15 +51,12 @@ def main() -> None:
     print(f"{args.model}, W4 g{group_size}, {args.windows} x 2048 calibration")
     print("| layer | linear | ours tr(DHD^T) | llm-compressor | ours / theirs | max weight diff (steps) |")
     print("|---|---|---|---|---|---|")
-    for i, layer, hidden, kwargs in dense_layers(load_model(args.model), args.windows, args.layers):
-        hessians = layer_hessians(layer, LINEARS, hidden, kwargs)
-        for name in LINEARS:
-            weight, hessian = layer.get_submodule(name).weight.data.float(), hessians[name]
-            ours = ours_gptq(weight, hessian, group_size)
-            peer, step = peer_gptq(weight, hessian, group_size)
-            e_ours, e_peer = output_error(weight - ours, hessian), output_error(weight - peer, hessian)
-            print(f"| {i} | {name} | {e_ours:.5g} | {e_peer:.5g} | {e_ours / e_peer:.4f} | "
-                  f"{((ours - peer).abs() / step).max().item():.3g} |", flush=True)
+    for i, name, weight, hessian in dense_linears(load_model(args.model), args.windows, args.layers, LINEARS):
+        ours = ours_gptq(weight, hessian, group_size)
+        peer, step = peer_gptq(weight, hessian, group_size)
+        e_ours, e_peer = output_error(weight - ours, hessian), output_error(weight - peer, hessian)
+        print(f"| {i} | {name} | {e_ours:.5g} | {e_peer:.5g} | {e_ours / e_peer:.4f} | "
+              f"{((ours - peer).abs() / step).max().item():.3g} |", flush=True)
 
 
 if __name__ == "__main__":

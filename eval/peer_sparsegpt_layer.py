@@ -11,7 +11,7 @@ import argparse
 
 import torch
 from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import sparsify_weight
-from run import dense_layers, layer_hessians
+from run import dense_linears
 
 from compressor.models import load_model
 from compressor.passes.lrec import output_error
@@ -38,17 +38,14 @@ def main() -> None:
     args = parser.parse_args()
     print("| layer | linear | pattern | ours tr(DHD^T) | llm-compressor | kept/pruned differ | max weight diff |")
     print("|---|---|---|---|---|---|---|")
-    for i, layer, hidden, kwargs in dense_layers(load_model(args.model), args.windows, args.layers):
-        hessians = layer_hessians(layer, LINEARS, hidden, kwargs)
-        for name in LINEARS:
-            weight, hessian = layer.get_submodule(name).weight.data.float(), hessians[name]
-            for label, (sparsity, nm) in PATTERNS.items():
-                ours = sparsegpt(weight, hessian, sparsity, nm)
-                peer = peer_sparsegpt(weight, hessian, sparsity, nm)
-                differ = ((ours == 0) != (peer == 0)).float().mean().item()
-                print(f"| {i} | {name} | {label} | {output_error(weight - ours, hessian):.5g} | "
-                      f"{output_error(weight - peer, hessian):.5g} | {differ:.2e} | "
-                      f"{(ours - peer).abs().max().item():.3g} |", flush=True)
+    for i, name, weight, hessian in dense_linears(load_model(args.model), args.windows, args.layers, LINEARS):
+        for label, (sparsity, nm) in PATTERNS.items():
+            ours = sparsegpt(weight, hessian, sparsity, nm)
+            peer = peer_sparsegpt(weight, hessian, sparsity, nm)
+            differ = ((ours == 0) != (peer == 0)).float().mean().item()
+            print(f"| {i} | {name} | {label} | {output_error(weight - ours, hessian):.5g} | "
+                  f"{output_error(weight - peer, hessian):.5g} | {differ:.2e} | "
+                  f"{(ours - peer).abs().max().item():.3g} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -174,6 +174,15 @@ def layer_hessians(layer, names: list[str], hidden: list, kwargs: dict) -> dict:
     return collect_stats(layer, linears, hidden, kwargs, "hessian", torch.device("cpu"))
 
 
+def dense_linears(loaded, windows: int, indices: list[int], names: list[str]):
+    """Yield (layer index, linear name, weight [out, in] float32, Hessian [in, in]) for the named linears of the
+    dense model's decoder layers in `indices` (dense_layers' inputs, layer_hessians' statistics)."""
+    for i, layer, hidden, kwargs in dense_layers(loaded, windows, indices):
+        hessians = layer_hessians(layer, names, hidden, kwargs)
+        for name in names:
+            yield i, name, layer.get_submodule(name).weight.data.float(), hessians[name]
+
+
 def pruned_masks(loaded) -> list[dict]:
     """Which weights are zero, for every linear of every decoder layer (by the linear's name in its layer)."""
     import torch
