@@ -88,9 +88,13 @@ class _Prune(Pass):
         nm = parse_pattern(self.pattern)
         keep = row_keep_mask(score, self.sparsity) if nm is None else nm_keep_mask(score, *nm)
         weight.mul_(keep.to(weight.dtype))
+        return self.pruned(linear)
+
+    def pruned(self, linear: nn.Linear) -> tuple[nn.Module, dict]:
+        """Mark `linear` as pruned (for a later quantizer, see PRUNED) and return it with this pass's record."""
         setattr(linear, PRUNED, True)
-        zeros = (weight == 0).sum().item()
-        return linear, {"pass": self.name, "pattern": self.pattern, "sparsity": zeros / weight.numel()}
+        zeros = (linear.weight == 0).sum().item()
+        return linear, {"pass": self.name, "pattern": self.pattern, "sparsity": zeros / linear.weight.numel()}
 
 
 @dataclass
@@ -183,9 +187,7 @@ class SparseGPT(_Prune):
         pruned = sparsegpt(weight.float(), hessian.to(weight.device), self.sparsity or 0.0,
                            parse_pattern(self.pattern), self.damp, self.block_size)
         weight.copy_(pruned.to(weight.dtype))
-        setattr(linear, PRUNED, True)
-        zeros = (weight == 0).sum().item()
-        return linear, {"pass": self.name, "pattern": self.pattern, "sparsity": zeros / weight.numel()}
+        return self.pruned(linear)
 
 
 def store_sparse(model: nn.Module, records: dict[str, list[dict]]) -> None:
