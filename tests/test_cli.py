@@ -20,8 +20,15 @@ def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def test_run_info_and_eval_end_to_end(llama_dir, corpus, tmp_path):
-    threads = torch.get_num_threads()  # --threads sets the whole process's count; restored at the end
+@pytest.fixture
+def keep_threads():
+    """--threads sets the whole test process's thread count: put it back afterwards, pass or fail."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_run_info_and_eval_end_to_end(llama_dir, corpus, tmp_path, keep_threads):
     out = tmp_path / "out"
     recipe = recipe_dict(llama_dir, corpus, [{"wanda": {"sparsity": 0.5, "ignore": ["re:.*down_proj"]}},
                                              {"magnitude": {"pattern": "2:4", "targets": ["re:.*down_proj"]}}], out,
@@ -44,7 +51,6 @@ def test_run_info_and_eval_end_to_end(llama_dir, corpus, tmp_path):
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output[result.output.index("{"):])
     assert payload["windows"] == 2 and payload["ppl"] == pytest.approx(report["after"]["ppl"], rel=0.5)
-    torch.set_num_threads(threads)
 
 
 BAD_RECIPES = {
