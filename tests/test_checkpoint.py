@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -67,6 +68,17 @@ def test_compress_in_memory_model(llama_dir, corpus):
 def test_load_refuses_a_plain_model_folder(llama_dir):
     with pytest.raises(CompressorError, match="not a compressor checkpoint"):
         compressor.load(llama_dir)
+
+
+def test_compressing_a_compressed_checkpoint_is_refused_with_its_source_and_passes(llama_dir, corpus, tmp_path):
+    # loaded as a plain model, its packed linears would come back as random weights
+    pruned = tmp_path / "pruned"
+    compressor.compress(recipe_dict(llama_dir, corpus, [{"magnitude": {"pattern": "2:4"}}], pruned), progress=False)
+    again = recipe_dict(pruned, corpus, [{"rtn": {"bits": 4, "group_size": 32}}], tmp_path / "q")
+    expected = re.escape(f"compressor checkpoint (magnitude of {llama_dir})") + r".*passes: \[magnitude"
+    with pytest.raises(CompressorError, match=expected):
+        compressor.compress(again, progress=False)
+    assert not (tmp_path / "q").exists()
 
 
 def test_evaluate_reports_protocol_fields(llama_dir, corpus):

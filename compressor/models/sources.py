@@ -42,12 +42,26 @@ def resolve(source: str) -> Path | str:
         if not (path / "config.json").is_file():
             raise CompressorError(f"{path} is a folder but has no config.json; a model folder as written "
                                   "by save_pretrained is expected")
+        refuse_compressed(path)
         return path
     if HUB_ID.match(source) and not path.exists():
         return source
     raise CompressorError(f"unknown model source {source!r}; use one of: "
                           f"{', '.join('bundled:' + n for n in BUNDLED)}, a local model folder, "
                           "a .gguf file, or a hub id such as org/name")
+
+
+def refuse_compressed(path: Path) -> None:
+    """A compressor checkpoint stores its linears packed (codes, sparse values, factors) under names a plain
+    model does not have; loaded as one, those linears would come back random. Say how to chain instead."""
+    compression = json.loads((path / "config.json").read_text()).get("compression_config")
+    if compression is None:
+        return
+    done = [name for step in compression["recipe"]["passes"] for name in step]
+    raise CompressorError(f"{path} is a compressor checkpoint ({', '.join(done)} of {compression['source']}); "
+                          "passes cannot run on it again. Compress the source model with its passes and "
+                          f"yours in one recipe: model: {compression['source']}, passes: [{', '.join(done)}, "
+                          "...]; its recipe is under compression_config.recipe_as_written in its config.json")
 
 
 def bundled_gguf(name: str) -> Path:
