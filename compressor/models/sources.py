@@ -16,6 +16,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from compressor.checkpoint import read_compression_config
 from compressor.errors import CompressorError
 
 BUNDLED = {
@@ -54,7 +55,7 @@ def resolve(source: str) -> Path | str:
 def refuse_compressed(path: Path) -> None:
     """A compressor checkpoint stores its linears packed (codes, sparse values, factors) under names a plain
     model does not have; loaded as one, those linears would come back random. Say how to chain instead."""
-    compression = json.loads((path / "config.json").read_text()).get("compression_config")
+    compression = read_compression_config(path)
     if compression is None:
         return
     done = [name for step in compression["recipe"]["passes"] for name in step]
