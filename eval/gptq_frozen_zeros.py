@@ -9,11 +9,10 @@ float64), frozen over not, at GPTQ's defaults (act-order, clip search, sink weig
 
 import argparse
 
-from run import GROUP_SIZE, dense_linears
+from run import GROUP_SIZE, dense_linears, gptq_weight
 
 from compressor.models import load_model
 from compressor.passes.lrec import output_error
-from compressor.passes.quantize import gptq
 
 LINEARS = ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj")
 
@@ -32,12 +31,9 @@ def main() -> None:
     for i, name, weight, hessian in dense_linears(load_model(args.model), args.windows, args.layers, LINEARS):
         zero = weight == 0
         for bits in args.bits:
-            errors = []
-            for pruned in (zero, None):
-                codes, scales, zeros = gptq(weight, hessian, bits, group_size, True, act_order=True, clip_search=True,
-                                            pruned=pruned)
-                quantized = (codes - zeros.repeat_interleave(group_size, 1)) * scales.repeat_interleave(group_size, 1)
-                errors.append(output_error(weight - quantized, hessian))
+            errors = [output_error(weight - gptq_weight(weight, hessian, bits, group_size, act_order=True,
+                                                         clip_search=True, pruned=pruned), hessian)
+                      for pruned in (zero, None)]
             print(f"| {i} | {name} | {zero.float().mean():.3f} | {bits} | {errors[0] / errors[1]:.4f} |", flush=True)
 
 

@@ -15,11 +15,10 @@ import torch
 from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.utils import calculate_qparams
 from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
-from run import GROUP_SIZE, dense_linears
+from run import GROUP_SIZE, dense_linears, gptq_weight
 
 from compressor.models import load_model
 from compressor.passes.lrec import output_error
-from compressor.passes.quantize import gptq
 
 LINEARS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
 
@@ -36,11 +35,6 @@ def peer_gptq(weight: torch.Tensor, hessian: torch.Tensor, group_size: int) -> t
     return quantized, scale.repeat_interleave(group_size, 1)
 
 
-def ours_gptq(weight: torch.Tensor, hessian: torch.Tensor, group_size: int) -> torch.Tensor:
-    codes, scales, zeros = gptq(weight, hessian, 4, group_size, True, damp=0.01, block_size=128, act_order=True)
-    return (codes - zeros.repeat_interleave(group_size, 1)) * scales.repeat_interleave(group_size, 1)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="bundled:gemma-3-270m", choices=list(GROUP_SIZE))
@@ -52,7 +46,7 @@ def main() -> None:
     print("| layer | linear | ours tr(DHD^T) | llm-compressor | ours / theirs | max weight diff (steps) |")
     print("|---|---|---|---|---|---|")
     for i, name, weight, hessian in dense_linears(load_model(args.model), args.windows, args.layers, LINEARS):
-        ours = ours_gptq(weight, hessian, group_size)
+        ours = gptq_weight(weight, hessian, 4, group_size, damp=0.01, block_size=128, act_order=True)
         peer, step = peer_gptq(weight, hessian, group_size)
         e_ours, e_peer = output_error(weight - ours, hessian), output_error(weight - peer, hessian)
         print(f"| {i} | {name} | {e_ours:.5g} | {e_peer:.5g} | {e_ours / e_peer:.4f} | "

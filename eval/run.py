@@ -183,6 +183,16 @@ def dense_linears(loaded, windows: int, indices: list[int], names: list[str]):
             yield i, name, layer.get_submodule(name).weight.data.float(), hessians[name]
 
 
+def gptq_weight(weight, hessian, bits: int, group_size: int, **options):
+    """Our symmetric GPTQ's quantized weight [out, in] (float32), as the checkpoint's packed codes dequantize;
+    `options` are gptq()'s keyword arguments (act_order, clip_search, pruned, ...)."""
+    from compressor.formats import dequantize, pack
+    from compressor.passes.quantize import gptq
+
+    codes, scales, zeros = gptq(weight, hessian, bits, group_size, True, **options)
+    return dequantize(pack(codes.long(), bits), scales, zeros, bits, group_size, weight.shape[1])
+
+
 def pruned_masks(loaded) -> list[dict]:
     """Which weights are zero, for every linear of every decoder layer (by the linear's name in its layer)."""
     import torch
