@@ -4,7 +4,9 @@
 
 Needs matplotlib (`pip install -e .[eval]`). Rows without bits per weight (dense, pruning) are left out;
 the dense perplexity is drawn as a horizontal line per model. A job the suite lists under two names (the
-same passes, e.g. a setting that became the default) is drawn once, under the name that comes first.
+same passes, e.g. a setting that became the default) is drawn once, under the name that comes first. Rows
+kept from before a fix (methods ending in "(before COMMIT)") are drawn as hollow gray points, unnamed: the
+table names them.
 """
 
 import argparse
@@ -14,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SUPERSEDED = re.compile(r"\(before \w+\)$")  # 'GPTQ W3 (before b03baa4)': measured before a fix
 
 
 def family(method: str) -> str:
@@ -34,23 +37,28 @@ def main() -> None:
     stem = ROOT / "eval" / "results" / args.suite
     rows = json.loads(stem.with_suffix(".json").read_text())["rows"]
     models = sorted({r["model"] for r in rows})
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 7), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
-        curves, drawn = defaultdict(list), set()
+        curves, superseded, drawn = defaultdict(list), [], set()
         for r in rows:
             point = (r.get("linear_bits_per_weight"), r["ppl"])
-            if r["model"] == model and point[0] and point not in drawn:  # a job listed twice: its first name
+            if r["model"] == model and point[0] and SUPERSEDED.search(r["method"]):
+                superseded.append(point)
+            elif r["model"] == model and point[0] and point not in drawn:  # a job listed twice: its first name
                 curves[family(r["method"])].append(point)
                 drawn.add(point)
             elif r["model"] == model and r["method"] == "dense":
                 ax.axhline(r["ppl"], color="gray", linestyle="--", label=f"dense {r['ppl']:.2f}")
         for name, points in sorted(curves.items()):
             ax.plot(*zip(*sorted(points), strict=True), marker="o", label=name)
+        if superseded:
+            ax.scatter(*zip(*superseded, strict=True), facecolors="none", edgecolors="gray", zorder=0,
+                       label="measured before a later fix (named in the table)")
         windows = {f"{r['windows']} of {r['windows_in_split']}" for r in rows if r["model"] == model}
         ax.set(title=f"{model}\nwikileads-ppl-v1, L=2048, windows {', '.join(sorted(windows))}",
                xlabel="bits per weight of the quantized linears\n(codes, scales, zeros and factors)",
                ylabel="perplexity", yscale="log")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22))  # below: points stay visible
     fig.tight_layout()
     fig.savefig(stem.with_suffix(".png"), dpi=120)
     print(stem.with_suffix(".png"))
