@@ -116,6 +116,11 @@ SUITES = {
     } | {  # Gemma's best W2 passes (symmetric, no alternation, unrefined) with int8 factors
         "GPTQ W2 + LREC 1.0 extra bits int8": [
             {"gptq": {"bits": 2, "group_size": GROUP}}, {"lrec": {"extra_bits": 1.0, "factor_bits": 8}}],
+    } | {  # GPTQ before b03baa4: a pruning pass that prunes nothing marks the linears, so GPTQ keeps their exact
+        # zeros (a GGUF's) at zero (eval/results/gptq-w4-rounding-spread.md)
+        f"GPTQ W{bits}, exact zeros frozen": [
+            {"magnitude": {"sparsity": 0.0}}, {"gptq": {"bits": bits, "group_size": GROUP}}]
+        for bits in (3, 2)
     } | {  # the refinement also training the group scales (eval/results/w2-lrec-windows4.md, session 11)
         "GPTQ W2 asymmetric + LREC 1.0 extra bits, alternate 4 refined with scales": [
             {"gptq": {"bits": 2, "group_size": GROUP, "symmetric": False}},

@@ -9,6 +9,7 @@ import compressor
 from compressor.errors import CompressorError
 from compressor.nn import QuantLinear
 from compressor.passes.base import PRUNED
+from compressor.passes.prune import Magnitude
 from compressor.passes.quantize import GPTQ, RTN, gptq, grid, rtn, to_codes
 
 
@@ -139,6 +140,18 @@ def test_gptq_updates_zero_weights_it_was_not_told_are_pruned():
     free, frozen = quantized(None), quantized(zero)
     assert (frozen[zero] == 0).all() and (free[zero] != 0).any()
     assert (x @ (free - w).T).norm() < 0.95 * (x @ (frozen - w).T).norm()
+
+
+def test_magnitude_at_sparsity_zero_freezes_a_dense_linears_exact_zeros_for_gptq():
+    # how eval/run.py reproduces GPTQ before b03baa4 ("exact zeros frozen"): nothing pruned, the zeros kept
+    x = correlated_inputs()
+    linear = nn.Linear(96, 48, bias=False)
+    linear.weight.data[torch.rand(48, 96, generator=torch.Generator().manual_seed(1)) < 0.1] = 0
+    zero, before = linear.weight == 0, linear.weight.detach().clone()
+    linear, record = Magnitude(sparsity=0.0).apply("up_proj", linear, None)
+    assert torch.equal(linear.weight, before) and record["sparsity"] == pytest.approx(zero.double().mean().item())
+    q, _ = GPTQ(bits=4, group_size=32).apply("up_proj", linear, x.T @ x)
+    assert (q.weight_dequantized()[zero] == 0).all()
 
 
 @pytest.mark.parametrize("pruner", ["magnitude", "wanda"])
