@@ -39,22 +39,23 @@ def main() -> None:
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 7), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
+        mine = [r for r in rows if r["model"] == model]
         curves, superseded, drawn = defaultdict(list), [], set()
-        for r in rows:
+        for r in mine:
             point = (r.get("linear_bits_per_weight"), r["ppl"])
-            if r["model"] == model and point[0] and SUPERSEDED.search(r["method"]):
+            if point[0] and SUPERSEDED.search(r["method"]):
                 superseded.append(point)
-            elif r["model"] == model and point[0] and point not in drawn:  # a job listed twice: its first name
+            elif point[0] and point not in drawn:  # a job listed twice: its first name
                 curves[family(r["method"])].append(point)
                 drawn.add(point)
-            elif r["model"] == model and r["method"] == "dense":
+            elif r["method"] == "dense":
                 ax.axhline(r["ppl"], color="gray", linestyle="--", label=f"dense {r['ppl']:.2f}")
         for name, points in sorted(curves.items()):
             ax.plot(*zip(*sorted(points), strict=True), marker="o", label=name)
         if superseded:
             ax.scatter(*zip(*superseded, strict=True), facecolors="none", edgecolors="gray", zorder=0,
                        label="measured before a later fix (named in the table)")
-        windows = {f"{r['windows']} of {r['windows_in_split']}" for r in rows if r["model"] == model}
+        windows = {f"{r['windows']} of {r['windows_in_split']}" for r in mine}
         ax.set(title=f"{model}\nwikileads-ppl-v1, L=2048, windows {', '.join(sorted(windows))}",
                xlabel="bits per weight of the quantized linears\n(codes, scales, zeros and factors)",
                ylabel="perplexity", yscale="log")
