@@ -154,6 +154,17 @@ def test_magnitude_at_sparsity_zero_freezes_a_dense_linears_exact_zeros_for_gptq
     assert (q.weight_dequantized()[zero] == 0).all()
 
 
+def test_gptq_keep_zeros_freezes_a_dense_linears_exact_zeros():
+    x = correlated_inputs()
+    linear = nn.Linear(96, 48, bias=False)
+    linear.weight.data[torch.rand(48, 96, generator=torch.Generator().manual_seed(1)) < 0.1] = 0
+    zero = linear.weight == 0
+    free, free_record = GPTQ(bits=2, group_size=32).apply("up_proj", linear, x.T @ x)
+    kept, kept_record = GPTQ(bits=2, group_size=32, keep_zeros=True).apply("up_proj", linear, x.T @ x)
+    assert (kept.weight_dequantized()[zero] == 0).all() and (free.weight_dequantized()[zero] != 0).any()
+    assert kept_record["frozen_zeros"] == zero.sum().item() and free_record["frozen_zeros"] == 0
+
+
 @pytest.mark.parametrize("pruner", ["magnitude", "wanda"])
 def test_prune_then_gptq_keeps_the_pruned_zeros(pruner, llama_dir, corpus):
     passes = [{pruner: {"pattern": "2:4"}}, {"gptq": {"bits": 4, "group_size": 32, "ignore": ["re:.*down_proj"]}}]

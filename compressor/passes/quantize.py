@@ -184,6 +184,12 @@ class _Quantize(Pass):
         """Codes, scales and zeros for weight [out, in]; the weights in `pruned` [out, in] (or None) must stay 0."""
         raise NotImplementedError
 
+    def frozen_zeros(self, linear: nn.Linear, weight: torch.Tensor) -> torch.Tensor | None:
+        """The weights [out, in] that must stay exactly 0 (None: none). Those a pruning pass zeroed (it set
+        PRUNED on the linear); a dense weight's zeros (common in models dequantized from GGUF) are weights
+        like any other."""
+        return (weight == 0) if getattr(linear, PRUNED, False) else None
+
     @torch.no_grad()
     def apply(self, name: str, linear: nn.Linear, stats) -> tuple[nn.Module, dict]:
         weight = linear.weight.data.float()
@@ -194,9 +200,7 @@ class _Quantize(Pass):
         q = QuantLinear(linear.in_features, linear.out_features, self.bits, group_size, linear.bias is not None,
                         SCALE_DTYPE, linear.weight.dtype).to(linear.weight.device)
 
-        # pruned by an earlier pass (it set PRUNED on the linear): those zeros stay; a dense weight's
-        # zeros (common in models dequantized from GGUF) are weights like any other
-        pruned = (weight == 0) if getattr(linear, PRUNED, False) else None
+        pruned = self.frozen_zeros(linear, weight)
 
         def requantize(target: torch.Tensor) -> None:  # quantize target [out, in] into q's codes
             target = target if pruned is None else target.masked_fill(pruned, 0)
@@ -212,7 +216,7 @@ class _Quantize(Pass):
         q.dense_weight, q.requantize = weight, requantize
         error = (q.weight_dequantized(torch.float32) - weight).norm() / weight.norm().clamp_min(1e-12)
         return q, {"pass": self.name, "bits": self.bits, "group_size": group_size, "symmetric": self.symmetric,
-                   "clip_search": self.clip_search,
+                   "clip_search": self.clip_search, "frozen_zeros": 0 if pruned is None else int(pruned.sum()),
                    "weights": weight.numel(), "bits_per_weight": round(q.bits_per_weight(), 4),
                    "relative_weight_error": error.item(),
                    "runtime": q.runtime_config()}
@@ -240,7 +244,14 @@ class GPTQ(_Quantize):
     to 63.989, so the default stays 1 and the W4 recipe sets 64 (eval/results/gptq-sink-weight.md).
 
     `clip_search` is on by default here (off for RTN): it lowered GPTQ's perplexity at 4, 3 and 2 bits
-    (SmolLM2 W3 g64, full split: 39.820 -> 27.534; eval/results/clip-search-windows4.md)."""
+    (SmolLM2 W3 g64, full split: 39.820 -> 27.534; eval/results/clip-search-windows4.md).
+
+    `keep_zeros` keeps every weight that is exactly 0 at 0, pruned or not. A model dequantized from GGUF
+    has many such zeros (6-7% of Gemma-3-270m's q_proj and gate_proj weights, where the GGUF's own grids put
+    small weights); left free, GPTQ moves them and each linear's calibration output error falls by 1-4%,
+    yet on Gemma-3-270m W2 g128 (full split) frozen zeros gave 123.665 against 158.988 (W3: 26.435
+    against 27.230, within W3's rounding spread; W4 and W2 + LREC alike;
+    eval/results/gptq-w4-rounding-spread.md). Off by default: a measured win at 2 bits on one model."""
 
     name: ClassVar[str] = "gptq"
     stats: ClassVar[str | None] = "hessian"
@@ -250,6 +261,7 @@ class GPTQ(_Quantize):
     act_order: bool = True
     sink_weight: float = 1.0
     clip_search: bool = True
+    keep_zeros: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -257,6 +269,9 @@ class GPTQ(_Quantize):
         check_sink_weight(self.sink_weight)
         if self.block_size <= 0:
             raise ParamError("block_size", f"got {self.block_size}; use a positive integer such as 128")
+
+    def frozen_zeros(self, linear, weight):
+        return (weight == 0) if self.keep_zeros else super().frozen_zeros(linear, weight)
 
     def quantize(self, weight, hessian, group_size, pruned):
         return gptq(weight, hessian.to(weight.device), self.bits, group_size, self.symmetric, self.damp,
