@@ -121,10 +121,6 @@ SUITES = {
         f"GPTQ W{bits}, exact zeros frozen": [
             {"magnitude": {"sparsity": 0.0}}, {"gptq": {"bits": bits, "group_size": GROUP}}]
         for bits in (3, 2)
-    } | {  # the same with Gemma's best W2 + LREC passes: does freezing the zeros still help with the factors?
-        "GPTQ W2, exact zeros frozen + LREC 1.0 extra bits int8": [
-            {"magnitude": {"sparsity": 0.0}}, {"gptq": {"bits": 2, "group_size": GROUP}},
-            {"lrec": {"extra_bits": 1.0, "factor_bits": 8}}],
     } | {  # the refinement also training the group scales (eval/results/w2-lrec-windows4.md, session 11)
         "GPTQ W2 asymmetric + LREC 1.0 extra bits, alternate 4 refined with scales": [
             {"gptq": {"bits": 2, "group_size": GROUP, "symmetric": False}},
