@@ -20,8 +20,11 @@ SUPERSEDED = re.compile(r"\(before \w+\)$")  # 'GPTQ W3 (before b03baa4)': measu
 
 
 def family(method: str) -> str:
-    """'GPTQ W2 + LREC r16 refined' -> 'GPTQ + LREC refined': the method without bits, group and rank."""
-    name = re.sub(r"\s+", " ", re.sub(r"\bW\d+\b|\bg\d+\b|\br\d+\b", "", method)).strip()
+    """The curve a method lies on: without its group size, and without what the curve sweeps, the bits
+    ('GPTQ W3, sink weight 1' -> 'GPTQ, sink weight 1') or, with LREC, the rank at fixed bits
+    ('GPTQ W2 + LREC r16 refined' -> 'GPTQ W2 + LREC refined')."""
+    swept = r"\br\d+\b" if "LREC" in method else r"\bW\d+\b"
+    name = re.sub(r"\s+", " ", re.sub(rf"{swept}|\bg\d+\b", "", method)).strip()
     return name.replace(" ,", ",")  # 'GPTQ W3, sink weight 1' -> 'GPTQ, sink weight 1'
 
 
