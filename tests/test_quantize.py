@@ -19,6 +19,13 @@ def correlated_inputs(n=512, d=96, seed=0):
     return torch.randn(n, 12, generator=g) @ torch.randn(12, d, generator=g) + 0.2 * torch.randn(n, d, generator=g)
 
 
+def linear_with_zeros() -> nn.Linear:
+    """A dense [48, 96] linear with 10% exact zeros, as a model dequantized from GGUF has (not pruned)."""
+    linear = nn.Linear(96, 48, bias=False)
+    linear.weight.data[torch.rand(48, 96, generator=torch.Generator().manual_seed(1)) < 0.1] = 0
+    return linear
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_rtn_codes_are_in_range_and_error_is_within_half_a_step(bits, symmetric):
@@ -145,8 +152,7 @@ def test_gptq_updates_zero_weights_it_was_not_told_are_pruned():
 def test_magnitude_at_sparsity_zero_freezes_a_dense_linears_exact_zeros_for_gptq():
     # how eval/run.py reproduces GPTQ before b03baa4 ("exact zeros frozen"): nothing pruned, the zeros kept
     x = correlated_inputs()
-    linear = nn.Linear(96, 48, bias=False)
-    linear.weight.data[torch.rand(48, 96, generator=torch.Generator().manual_seed(1)) < 0.1] = 0
+    linear = linear_with_zeros()
     zero, before = linear.weight == 0, linear.weight.detach().clone()
     linear, record = Magnitude(sparsity=0.0).apply("up_proj", linear, None)
     assert torch.equal(linear.weight, before) and record["sparsity"] == pytest.approx(zero.double().mean().item())
@@ -156,8 +162,7 @@ def test_magnitude_at_sparsity_zero_freezes_a_dense_linears_exact_zeros_for_gptq
 
 def test_gptq_keep_zeros_freezes_a_dense_linears_exact_zeros():
     x = correlated_inputs()
-    linear = nn.Linear(96, 48, bias=False)
-    linear.weight.data[torch.rand(48, 96, generator=torch.Generator().manual_seed(1)) < 0.1] = 0
+    linear = linear_with_zeros()
     zero = linear.weight == 0
     free, free_record = GPTQ(bits=2, group_size=32).apply("up_proj", linear, x.T @ x)
     kept, kept_record = GPTQ(bits=2, group_size=32, keep_zeros=True).apply("up_proj", linear, x.T @ x)
