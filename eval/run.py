@@ -116,6 +116,10 @@ SUITES = {
     } | {  # Gemma's best W2 passes (symmetric, no alternation, unrefined) with int8 factors
         "GPTQ W2 + LREC 1.0 extra bits int8": [
             {"gptq": {"bits": 2, "group_size": GROUP}}, {"lrec": {"extra_bits": 1.0, "factor_bits": 8}}],
+    } | {  # the same, refined on the error as the next layer's input norm reads it (gemma-w2-diagnosis.md)
+        "GPTQ W2 + LREC 1.0 extra bits int8 refined, next-norm loss": [
+            {"gptq": {"bits": 2, "group_size": GROUP}}, {"lrec": {"extra_bits": 1.0, "factor_bits": 8}},
+            {"lrec_refine": {"steps": 100, "loss": "next_norm"}}],
     } | {  # GPTQ before b03baa4: a pruning pass that prunes nothing marks the linears, so GPTQ keeps their exact
         # zeros (a GGUF's) at zero (eval/results/gptq-w4-rounding-spread.md)
         f"GPTQ W{bits}, exact zeros frozen": [
