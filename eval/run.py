@@ -113,7 +113,7 @@ SUITES = {
             {"lrec": {"extra_bits": 1.0, "alternate": 4, "factor_bits": 8}}]
         + ([{"lrec_refine": {"steps": 100}}] if refine else [])
         for refine in (False, True)
-    } | {  # Gemma's best W2 passes (symmetric, no alternation, unrefined) with int8 factors
+    } | {  # Gemma's W2 passes (symmetric, no alternation, unrefined) with int8 factors
         "GPTQ W2 + LREC 1.0 extra bits int8": [
             {"gptq": {"bits": 2, "group_size": GROUP}}, {"lrec": {"extra_bits": 1.0, "factor_bits": 8}}],
     } | {  # the same, refined on the error as the next layer's input norm reads it (gemma-w2-diagnosis.md)
