@@ -113,13 +113,12 @@ SUITES = {
             {"lrec": {"extra_bits": 1.0, "alternate": 4, "factor_bits": 8}}]
         + ([{"lrec_refine": {"steps": 100}}] if refine else [])
         for refine in (False, True)
-    } | {  # Gemma's W2 passes (symmetric, no alternation, unrefined) with int8 factors
-        "GPTQ W2 + LREC 1.0 extra bits int8": [
-            {"gptq": {"bits": 2, "group_size": GROUP}}, {"lrec": {"extra_bits": 1.0, "factor_bits": 8}}],
-    } | {  # the same, refined on the error as the next layer's input norm reads it (gemma-w2-diagnosis.md)
-        "GPTQ W2 + LREC 1.0 extra bits int8 refined, next-norm loss": [
-            {"gptq": {"bits": 2, "group_size": GROUP}}, {"lrec": {"extra_bits": 1.0, "factor_bits": 8}},
-            {"lrec_refine": {"steps": 100, "loss": "next_norm"}}],
+    } | {  # Gemma's W2 passes (symmetric, no alternation) with int8 factors; refined on the error as the next
+        # layer's input norm reads it, the Gemma W2 recipe (eval/results/gemma-w2-diagnosis.md)
+        f"GPTQ W2 + LREC 1.0 extra bits int8{' refined, next-norm loss' if refine else ''}": [
+            {"gptq": {"bits": 2, "group_size": GROUP}}, {"lrec": {"extra_bits": 1.0, "factor_bits": 8}}]
+        + ([{"lrec_refine": {"steps": 100, "loss": "next_norm"}}] if refine else [])
+        for refine in (False, True)
     } | {  # GPTQ before b03baa4: a pruning pass that prunes nothing marks the linears, so GPTQ keeps their exact
         # zeros (a GGUF's) at zero (eval/results/gptq-w4-rounding-spread.md)
         f"GPTQ W{bits}, exact zeros frozen": [
