@@ -110,6 +110,7 @@ def test_refining_against_the_model_matches_the_dense_models_hidden_states(llama
     ({"steps": 0}, "steps: got 0"), ({"lr": -1.0}, "lr: got -1.0"),
     ({"reference": "dense"}, "reference: got 'dense'; allowed: layer .* or model"),
     ({"loss": "mse"}, "loss: got 'mse'; allowed: total .*, channel .* or next_norm"),
+    ({"autocast": "float16"}, "autocast: got 'float16'; allowed: none .* or bfloat16"),
 ])
 def test_refinement_parameter_errors(llama_dir, corpus, refine, message):
     passes = [{"gptq": {"bits": 2, "group_size": 32}}, {"lrec": {"rank": 8}}, {"lrec_refine": refine}]
@@ -169,6 +170,16 @@ def test_refinement_with_the_next_norm_loss_lowers_its_error(gemma_dir, corpus):
     record = model.compression_config["modules"][f"model.layers.{last}.mlp.up_proj"][-1]
     assert record["loss"] == "next_norm"
     assert record["relative_error_last"] < 0.9 * record["relative_error_first"]
+
+
+def test_refinement_in_bfloat16_autocast_lowers_its_error_and_stores_factors_as_usual(llama_dir, corpus):
+    passes = [{"gptq": {"bits": 2, "group_size": 32}}, {"lrec": {"rank": 8}},
+              {"lrec_refine": {"steps": 40, "autocast": "bfloat16"}}]
+    model = compressor.compress(recipe_dict(llama_dir, corpus, passes), progress=False)
+    record = model.compression_config["modules"]["model.layers.1.mlp.up_proj"][-1]
+    assert record["autocast"] == "bfloat16"
+    assert record["relative_error_last"] < 0.9 * record["relative_error_first"]
+    assert model.model.layers[1].mlp.up_proj.lora_a.dtype == torch.float16  # stored as without autocast
 
 
 def test_refinement_without_lrec_is_refused(llama_dir, corpus):

@@ -1,0 +1,129 @@
+"""How `lrec_refine` settings lower one decoder layer's error on calibration windows it did not train on.
+
+Quantizes the chosen layers only (GPTQ W2 g128 + LREC 1.0 extra bits, int8 factors: the Gemma W2 recipe's
+passes; the other layers stay dense, so each chosen layer sees dense inputs), then, from the same starting
+factors, refines each with every setting in --configs on the first --train calibration windows and reports
+the next-norm relative error (`loss: next_norm`) on the --heldout windows after them: every 50 steps (float
+factors) and at the end (factors stored as the pass stores them).
+
+    python eval/refine_heldout.py --layers 3 12 --configs 1e-3:300 3e-3:200 1e-3:300:scales:bfloat16
+
+A config is lr:steps, then optionally `scales` (train the group scales too) and/or `bfloat16` (autocast).
+Appends one JSON line per layer and config to --out.
+"""
+
+import argparse
+import json
+import time
+
+import torch
+
+from compressor.data import calibration_windows, load_documents
+from compressor.engine import compress_model
+from compressor.models import load_model
+from compressor.passes import lrec_refine
+from compressor.passes.base import layer_output
+from compressor.recipe import load_recipe
+
+
+def heldout_error(layer, hidden, targets, kwargs, readout) -> float:
+    """Mean over windows of the next-norm relative error of the layer's output against the dense one."""
+    with torch.no_grad():
+        errors = [lrec_refine.relative_error(readout(layer_output(layer, h, kwargs)), readout(y), None).item()
+                  for h, y in zip(hidden, targets, strict=True)]
+    return sum(errors) / len(errors)
+
+
+def refine(layer, linears, train, targets, kwargs, readout, lr, steps, scales, autocast, probe):
+    """lrec_refine's loop (next_norm loss) with `probe()` called every 50 steps; returns the trained tensors."""
+    factors = {n: tuple(t.detach().clone().requires_grad_() for t in q.low_rank_factors()) for n, q in linears.items()}
+    scale_factors = {n: torch.ones_like(q.scales, dtype=torch.float32, requires_grad=True)
+                     for n, q in linears.items()} if scales else {}
+    optimizer = torch.optim.Adam([t for pair in factors.values() for t in pair] + list(scale_factors.values()), lr=lr)
+    curve = []
+    for n, q in linears.items():
+        q.forward = lrec_refine._quantized_forward(q, factors[n], scale_factors.get(n))
+    try:
+        for step in range(steps):
+            j = step % len(train)
+            with torch.enable_grad():
+                with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                    output = layer_output(layer, train[j], kwargs)
+                loss = lrec_refine.relative_error(readout(output.float()), readout(targets[j]), None)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            if (step + 1) % 50 == 0:
+                curve.append((step + 1, round(probe(), 6)))
+    finally:
+        for q in linears.values():
+            q.__dict__.pop("forward", None)
+    return factors, scale_factors, curve
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="bundled:gemma-3-270m")
+    ap.add_argument("--layers", type=int, nargs="+", default=[3, 12])
+    ap.add_argument("--train", type=int, default=16)
+    ap.add_argument("--heldout", type=int, default=4)
+    ap.add_argument("--configs", nargs="+", default=["1e-3:100", "1e-3:300"])
+    ap.add_argument("--out", default="refine-heldout.jsonl")
+    args = ap.parse_args()
+    targets = [r"re:model\.layers\.(" + "|".join(map(str, args.layers)) + r")\..*"]
+    recipe = load_recipe({
+        "model": args.model,
+        "calibration": {"dataset": "bundled:wikileads", "samples": args.train + args.heldout, "seqlen": 2048,
+                        "seed": 0},
+        "passes": [{"gptq": {"bits": 2, "group_size": 128, "targets": targets}},
+                   {"lrec": {"extra_bits": 1.0, "factor_bits": 8, "targets": targets}},
+                   {"lrec_refine": {"steps": 1, "loss": "next_norm", "targets": targets}}]})
+
+    def sweep(self, model, adapter, index, layer, hidden, kwargs, device, names):
+        """Stands in for lrec_refine.apply_layer: tries every config from the same start, then restores it."""
+        if not names:
+            return hidden, {}, None
+        linears = {n: model.get_submodule(n) for n in names}
+        start = {n: (q.low_rank_factors(), q.scales.clone()) for n, q in linears.items()}
+        train, held = hidden[:args.train], hidden[args.train:]
+        train_targets = lrec_refine.dense_outputs(layer, train, kwargs, device)
+        held_targets = lrec_refine.dense_outputs(layer, held, kwargs, device)
+        readout = lrec_refine.next_norm(model, adapter, index)
+        unrefined = heldout_error(layer, held, held_targets, kwargs, readout)
+        for config in args.configs:
+            lr, steps, *flags = config.split(":")
+            began = time.time()
+            factors, scale_factors, curve = refine(
+                layer, linears, train, train_targets, kwargs, readout, float(lr), int(steps), "scales" in flags,
+                "bfloat16" in flags, lambda: heldout_error(layer, held, held_targets, kwargs, readout))
+            seconds = time.time() - began
+            with torch.no_grad():  # store as the pass does, measure, then put the starting state back
+                for n, m in scale_factors.items():
+                    linears[n].scales.copy_(linears[n].scales.float() * m)
+                for n, (a, b) in factors.items():
+                    linears[n].set_low_rank(a.detach(), b.detach())
+                stored = heldout_error(layer, held, held_targets, kwargs, readout)
+                for n, ((a, b), scales) in start.items():
+                    linears[n].set_low_rank(a, b)
+                    linears[n].scales.copy_(scales)
+            row = {"model": args.model, "layer": index, "train_windows": len(train), "heldout_windows": len(held),
+                   "config": config, "unrefined": round(unrefined, 6), "curve": curve, "stored": round(stored, 6),
+                   "seconds": round(seconds), "threads": torch.get_num_threads()}
+            print(json.dumps(row), flush=True)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if index == max(args.layers):
+            raise SystemExit(0)  # nothing after the last chosen layer is needed
+        return hidden, {}, None
+
+    lrec_refine.LRECRefine.apply_layer = sweep
+    loaded = load_model(recipe.model, recipe.dtype)
+    cal = recipe.calibration
+    windows = calibration_windows(loaded.tokenizer, load_documents(cal.dataset, "calibration"), cal.samples,
+                                  cal.seqlen, cal.seed)
+    with torch.no_grad():
+        compress_model(loaded.model, loaded.adapter, recipe.passes, windows, torch.device("cpu"), progress=False)
+
+
+if __name__ == "__main__":
+    main()
