@@ -38,7 +38,7 @@ on SmolLM2 (the W2 recipe's passes, windows=4) it lost to `total`: 39.680 agains
 `autocast: bfloat16` runs the refinement's forward and backward matmuls in bfloat16 (torch.autocast; the
 factors, Adam's state, the norms, the targets and the loss stay float32): on a CPU with AVX512-BF16 a
 [2048, 640] x [640, 2048] matmul takes 0.035 s in bfloat16 against 0.151 s in float32 (1 thread), so more
-steps fit in the same time. The layer's outputs before and after are still measured in float32.
+steps fit in the same time. The dense targets are still computed in float32.
 
 `scales: true` trains each group's scale as well, as a factor on the stored scale (codes and zero points
 stay as they are), in the spirit of PEQA / EfficientQAT's block-wise training of quantization
