@@ -34,33 +34,6 @@ def heldout_error(layer, hidden, targets, kwargs, readout) -> float:
     return sum(errors) / len(errors)
 
 
-def refine(layer, linears, train, targets, kwargs, readout, lr, steps, scales, autocast, probe):
-    """lrec_refine's loop (next_norm loss) with `probe()` called every 50 steps; returns the trained tensors."""
-    factors = {n: tuple(t.detach().clone().requires_grad_() for t in q.low_rank_factors()) for n, q in linears.items()}
-    scale_factors = {n: torch.ones_like(q.scales, dtype=torch.float32, requires_grad=True)
-                     for n, q in linears.items()} if scales else {}
-    optimizer = torch.optim.Adam([t for pair in factors.values() for t in pair] + list(scale_factors.values()), lr=lr)
-    curve = []
-    for n, q in linears.items():
-        q.forward = lrec_refine._quantized_forward(q, factors[n], scale_factors.get(n))
-    try:
-        for step in range(steps):
-            j = step % len(train)
-            with torch.enable_grad():
-                with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-                    output = layer_output(layer, train[j], kwargs)
-                loss = lrec_refine.relative_error(readout(output.float()), readout(targets[j]), None)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-            if (step + 1) % 50 == 0:
-                curve.append((step + 1, round(probe(), 6)))
-    finally:
-        for q in linears.values():
-            q.__dict__.pop("forward", None)
-    return factors, scale_factors, curve
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="bundled:gemma-3-270m")
@@ -92,16 +65,20 @@ def main() -> None:
         unrefined = heldout_error(layer, held, held_targets, kwargs, readout)
         for config in args.configs:
             lr, steps, *flags = config.split(":")
+            refine = lrec_refine.LRECRefine(steps=int(steps), lr=float(lr), scales="scales" in flags,
+                                            loss="next_norm", autocast="bfloat16" if "bfloat16" in flags else "none")
+            curve = []  # (step, held-out error) every 50 steps
+
+            def probe(step: int, curve: list = curve) -> None:
+                if step % 50 == 0:
+                    curve.append((step, round(heldout_error(layer, held, held_targets, kwargs, readout), 6)))
+
             began = time.time()
-            factors, scale_factors, curve = refine(
-                layer, linears, train, train_targets, kwargs, readout, float(lr), int(steps), "scales" in flags,
-                "bfloat16" in flags, lambda: heldout_error(layer, held, held_targets, kwargs, readout))
+            factors, scale_factors, _ = refine.fit(layer, linears, train, train_targets, kwargs, device, readout,
+                                                   None, probe)
             seconds = time.time() - began
             with torch.no_grad():  # store as the pass does, measure, then put the starting state back
-                for n, m in scale_factors.items():
-                    linears[n].scales.copy_(linears[n].scales.float() * m)
-                for n, (a, b) in factors.items():
-                    linears[n].set_low_rank(a.detach(), b.detach())
+                lrec_refine.store(linears, factors, scale_factors)
                 stored = heldout_error(layer, held, held_targets, kwargs, readout)
                 for n, ((a, b), scales) in start.items():
                     linears[n].set_low_rank(a, b)
@@ -116,7 +93,7 @@ def main() -> None:
             raise SystemExit(0)  # nothing after the last chosen layer is needed
         return hidden, {}, None
 
-    lrec_refine.LRECRefine.apply_layer = sweep
+    lrec_refine.LRECRefine.apply_layer = sweep  # the recipe's lrec_refine runs the sweep instead
     loaded = load_model(recipe.model, recipe.dtype)
     cal = recipe.calibration
     windows = calibration_windows(loaded.tokenizer, load_documents(cal.dataset, "calibration"), cal.samples,

@@ -105,7 +105,27 @@ class LRECRefine(LayerPass):
                 raise CompressorError(f"lrec_refine: {name} has no LREC factors or float weights to refine "
                                       "against; put lrec_refine right after lrec in the same recipe"
                                       + ("" if self.scales else " (or set `scales: true` to train the scales)"))
-        # trained: the factors A, B of the linears that have them; with `scales`, a factor on each group's scale
+        if self.reference == "model":
+            targets = self._dense_hidden
+        else:
+            targets = dense_outputs(layer, hidden, kwargs, device)
+        weight = channel_weights(targets) if self.loss == "channel" else None  # [d] or None
+        readout = next_norm(model, adapter, index).to(device) if self.loss == "next_norm" else nn.Identity()
+        factors, scale_factors, losses = self.fit(layer, linears, hidden, targets, kwargs, device, readout, weight)
+        store(linears, factors, scale_factors)
+        window = min(len(hidden), len(losses))  # one pass over the windows, at the start and at the end
+        record = {"pass": self.name, "steps": self.steps, "lr": self.lr, "scales": self.scales,
+                  "reference": self.reference, "loss": self.loss, "autocast": self.autocast,
+                  "relative_error_first": round(sum(losses[:window]) / window, 6),
+                  "relative_error_last": round(sum(losses[-window:]) / window, 6)}
+        return hidden, {name: dict(record) for name in linears}, None
+
+    def fit(self, layer: nn.Module, linears: dict[str, QuantLinear], hidden: list[torch.Tensor],
+            targets: list[torch.Tensor], kwargs: dict, device: torch.device, readout: nn.Module,
+            weight: torch.Tensor | None, on_step=None) -> tuple[dict, dict, list[float]]:
+        """Train the factors A, B of the linears that have them (with `scales`, a factor on each group's scale)
+        for `steps` Adam steps on relative_error(readout(layer(hidden[j])), readout(targets[j])); `on_step(n)`,
+        if given, runs after step n. Returns the trained tensors, not yet stored, and each step's loss."""
         factors = {name: tuple(t.detach().requires_grad_() for t in q.low_rank_factors())
                    for name, q in linears.items() if q.rank}
         scale_factors = {name: torch.ones_like(q.scales, dtype=torch.float32, requires_grad=True)
@@ -113,16 +133,10 @@ class LRECRefine(LayerPass):
         optimizer = torch.optim.Adam([t for pair in factors.values() for t in pair] + list(scale_factors.values()),
                                      lr=self.lr)
         losses = []
+        autocast = torch.autocast(device.type, torch.bfloat16, enabled=self.autocast == "bfloat16")
         try:
-            if self.reference == "model":
-                targets = self._dense_hidden
-            else:
-                targets = dense_outputs(layer, hidden, kwargs, device)
-            weight = channel_weights(targets) if self.loss == "channel" else None  # [d] or None
-            readout = next_norm(model, adapter, index).to(device) if self.loss == "next_norm" else nn.Identity()
             for name, q in linears.items():
                 q.forward = _quantized_forward(q, factors.get(name), scale_factors.get(name))
-            autocast = torch.autocast(device.type, torch.bfloat16, enabled=self.autocast == "bfloat16")
             with torch.enable_grad():
                 for step in range(self.steps):
                     j = step % len(hidden)
@@ -134,24 +148,26 @@ class LRECRefine(LayerPass):
                     loss.backward()
                     optimizer.step()
                     losses.append(loss.item())
+                    if on_step is not None:
+                        on_step(step + 1)
         finally:
             for q in linears.values():
                 q.__dict__.pop("forward", None)
-        with torch.no_grad():
-            for name, m in scale_factors.items():
-                linears[name].scales.copy_(linears[name].scales.float() * m)
-            for name, (a, b) in factors.items():
-                linears[name].set_low_rank(a.detach(), b.detach())
-        window = min(len(hidden), len(losses))  # one pass over the windows, at the start and at the end
-        record = {"pass": self.name, "steps": self.steps, "lr": self.lr, "scales": self.scales,
-                  "reference": self.reference, "loss": self.loss, "autocast": self.autocast,
-                  "relative_error_first": round(sum(losses[:window]) / window, 6),
-                  "relative_error_last": round(sum(losses[-window:]) / window, 6)}
-        return hidden, {name: dict(record) for name in linears}, None
+        return factors, scale_factors, losses
 
     def finish(self, model, adapter) -> dict[str, dict]:
         self.__dict__.pop("_dense_hidden", None)
         return {}
+
+
+@torch.no_grad()
+def store(linears: dict[str, QuantLinear], factors: dict, scale_factors: dict) -> None:
+    """Put trained tensors from `LRECRefine.fit` into the linears: scale factors onto the stored scales, factors
+    stored as each linear stores its factors (float16 or int8 codes)."""
+    for name, m in scale_factors.items():
+        linears[name].scales.copy_(linears[name].scales.float() * m)
+    for name, (a, b) in factors.items():
+        linears[name].set_low_rank(a.detach(), b.detach())
 
 
 def next_norm(model: nn.Module, adapter, index: int) -> nn.Module:
