@@ -129,15 +129,6 @@ def test_channel_loss_counts_each_channel_relative_to_its_scale():
                                lrec_refine.relative_error(small_off, target, weight))
 
 
-def test_refinement_with_the_channel_loss_lowers_its_error(llama_dir, corpus):
-    passes = [{"gptq": {"bits": 2, "group_size": 32}}, {"lrec": {"rank": 8}},
-              {"lrec_refine": {"steps": 40, "loss": "channel"}}]
-    model = compressor.compress(recipe_dict(llama_dir, corpus, passes), progress=False)
-    record = model.compression_config["modules"]["model.layers.1.mlp.up_proj"][-1]
-    assert record["loss"] == "channel"
-    assert record["relative_error_last"] < 0.9 * record["relative_error_first"]
-
-
 @pytest.mark.parametrize("arch", ["llama", "gemma"])
 def test_next_norm_is_a_frozen_copy_of_the_norm_that_reads_the_layer(arch, llama_dir, gemma_dir):
     model = AutoModelForCausalLM.from_pretrained(llama_dir if arch == "llama" else gemma_dir)
@@ -162,24 +153,22 @@ def test_next_norm_loss_counts_each_token_relative_to_its_scale():
                                lrec_refine.relative_error(norm(small_off), norm(target), None))
 
 
-def test_refinement_with_the_next_norm_loss_lowers_its_error(gemma_dir, corpus):
+@pytest.mark.parametrize("arch, setting, layer", [
+    ("llama", {"loss": "channel"}, 1),
+    ("gemma", {"loss": "next_norm"}, -1),  # the last layer: read through the final norm
+    ("llama", {"autocast": "bfloat16"}, 1),
+])
+def test_refinement_setting_lowers_its_error_and_stores_factors_as_usual(arch, setting, layer, llama_dir, gemma_dir,
+                                                                          corpus):
     passes = [{"gptq": {"bits": 2, "group_size": 32}}, {"lrec": {"rank": 8}},
-              {"lrec_refine": {"steps": 40, "loss": "next_norm"}}]
-    model = compressor.compress(recipe_dict(gemma_dir, corpus, passes), progress=False)
-    last = len(model.model.layers) - 1
-    record = model.compression_config["modules"][f"model.layers.{last}.mlp.up_proj"][-1]
-    assert record["loss"] == "next_norm"
+              {"lrec_refine": {"steps": 40, **setting}}]
+    model = compressor.compress(recipe_dict(llama_dir if arch == "llama" else gemma_dir, corpus, passes),
+                                progress=False)
+    index = layer % len(model.model.layers)
+    record = model.compression_config["modules"][f"model.layers.{index}.mlp.up_proj"][-1]
+    assert {key: record[key] for key in setting} == setting
     assert record["relative_error_last"] < 0.9 * record["relative_error_first"]
-
-
-def test_refinement_in_bfloat16_autocast_lowers_its_error_and_stores_factors_as_usual(llama_dir, corpus):
-    passes = [{"gptq": {"bits": 2, "group_size": 32}}, {"lrec": {"rank": 8}},
-              {"lrec_refine": {"steps": 40, "autocast": "bfloat16"}}]
-    model = compressor.compress(recipe_dict(llama_dir, corpus, passes), progress=False)
-    record = model.compression_config["modules"]["model.layers.1.mlp.up_proj"][-1]
-    assert record["autocast"] == "bfloat16"
-    assert record["relative_error_last"] < 0.9 * record["relative_error_first"]
-    assert model.model.layers[1].mlp.up_proj.lora_a.dtype == torch.float16  # stored as without autocast
+    assert model.model.layers[index].mlp.up_proj.lora_a.dtype == torch.float16  # float16 factors, as lrec stored
 
 
 def test_refinement_without_lrec_is_refused(llama_dir, corpus):
