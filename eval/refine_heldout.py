@@ -1,10 +1,10 @@
 """How `lrec_refine` settings lower one decoder layer's error on calibration windows it did not train on.
 
 Quantizes the chosen layers only (GPTQ W2 g128 + LREC 1.0 extra bits, int8 factors: the Gemma W2 recipe's
-passes; the other layers stay dense, so each chosen layer sees dense inputs), then, from the same starting
-factors, refines each with every setting in --configs on the first --train calibration windows and reports
-the next-norm relative error (`loss: next_norm`) on the --heldout windows after them: every 50 steps (float
-factors) and at the end (factors stored as the pass stores them).
+passes; --factor-bits 4: int4 factors; the other layers stay dense, so each chosen layer sees dense inputs),
+then, from the same starting factors, refines each with every setting in --configs on the first --train
+calibration windows and reports the next-norm relative error (`loss: next_norm`) on the --heldout windows after
+them: every 50 steps (the factors as trained: integer factors rounded as stored) and at the end (stored).
 
     python eval/refine_heldout.py --layers 3 12 --configs 1e-3:300 3e-3:200 1e-3:300:scales:bfloat16
 
@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=16)
     ap.add_argument("--heldout", type=int, default=4)
     ap.add_argument("--configs", nargs="+", default=["1e-3:100", "1e-3:300"])
+    ap.add_argument("--factor-bits", type=int, default=8, help="the lrec pass's factor_bits")
     ap.add_argument("--out", default="refine-heldout.jsonl")
     args = ap.parse_args()
     targets = [r"re:model\.layers\.(" + "|".join(map(str, args.layers)) + r")\..*"]
@@ -49,7 +50,7 @@ def main() -> None:
         "calibration": {"dataset": "bundled:wikileads", "samples": args.train + args.heldout, "seqlen": 2048,
                         "seed": 0},
         "passes": [{"gptq": {"bits": 2, "group_size": 128, "targets": targets}},
-                   {"lrec": {"extra_bits": 1.0, "factor_bits": 8, "targets": targets}},
+                   {"lrec": {"extra_bits": 1.0, "factor_bits": args.factor_bits, "targets": targets}},
                    {"lrec_refine": {"steps": 1, "loss": "next_norm", "targets": targets}}]})
 
     def sweep(self, model, adapter, index, layer, hidden, kwargs, device, names):
@@ -84,7 +85,8 @@ def main() -> None:
                     linears[n].set_low_rank(a, b)
                     linears[n].scales.copy_(scales)
             row = {"model": args.model, "layer": index, "train_windows": len(train), "heldout_windows": len(held),
-                   "config": config, "unrefined": round(unrefined, 6), "curve": curve, "stored": round(stored, 6),
+                   "factor_bits": args.factor_bits, "config": config, "unrefined": round(unrefined, 6),
+                   "curve": curve, "stored": round(stored, 6),
                    "seconds": round(seconds), "threads": torch.get_num_threads()}
             print(json.dumps(row), flush=True)
             with open(args.out, "a") as f:

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import recipe_dict
 from torch import nn
 from transformers import AutoModelForCausalLM
@@ -8,8 +9,9 @@ import compressor
 from compressor.errors import CompressorError
 from compressor.models import adapter_for
 from compressor.nn import QuantLinear
+from compressor.nn.quant_linear import round_factors
 from compressor.passes import lrec_refine
-from compressor.passes.lrec import LREC
+from compressor.passes.lrec import LREC, output_error, refit_factor_b
 from compressor.passes.quantize import RTN
 
 
@@ -243,21 +245,23 @@ def test_alternating_keeps_pruned_weights_zero(llama_dir, corpus):
     assert (w.reshape(w.shape[0], -1, 4) == 0).sum(-1).min() >= 2
 
 
-def test_int8_factors_buy_twice_the_rank_and_round_trip(llama_dir, corpus, tmp_path):
+@pytest.mark.parametrize("factor_bits, q_rank, up_rank, dtype", [(8, 3, 5, torch.int8), (4, 7, 9, torch.int32)])
+def test_integer_factors_buy_more_rank_and_round_trip(llama_dir, corpus, tmp_path, factor_bits, q_rank, up_rank,
+                                                      dtype):
     out = tmp_path / "ckpt"
-    passes = [{"gptq": {"bits": 2, "group_size": 32}}, {"lrec": {"extra_bits": 1.0, "factor_bits": 8}},
+    passes = [{"gptq": {"bits": 2, "group_size": 32}}, {"lrec": {"extra_bits": 1.0, "factor_bits": factor_bits}},
               {"lrec_refine": {"steps": 5}}]
     model = compressor.compress(recipe_dict(llama_dir, corpus, passes, out), progress=False)
     modules = model.compression_config["modules"]
-    # one rank of int8 factors costs (8 (in + out) + 64) / (in out) bits per weight: 0.266 for q [64 -> 64]
-    # (float16: 0.5, rank 2), 0.383 for up [64 -> 128] (float16: 0.375, rank 2)
-    assert modules["model.layers.0.self_attn.q_proj"][1]["rank"] == 3
-    assert modules["model.layers.0.mlp.up_proj"][1]["rank"] == 5
+    # one rank of b-bit factors costs (b (in + out) + 64) / (in out) bits per weight: int8 0.266, int4 0.141
+    # for q [64 -> 64] (float16: 0.5, rank 2); int8 0.383, int4 0.102 for up [64 -> 128] (float16: 0.375, rank 2)
+    assert modules["model.layers.0.self_attn.q_proj"][1]["rank"] == q_rank
+    assert modules["model.layers.0.mlp.up_proj"][1]["rank"] == up_rank
     for records in modules.values():
         added = records[1]["bits_per_weight"] - records[0]["bits_per_weight"]
         assert 0 < added <= 1.0 + 1e-6
     q = model.model.layers[0].mlp.up_proj
-    assert q.lora_a.dtype == q.lora_b.dtype == torch.int8 and q.lora_a_scale.dtype == torch.float32
+    assert q.lora_a.dtype == q.lora_b.dtype == dtype and q.lora_a_scale.dtype == torch.float32
     ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(compressor.load(out)(input_ids=ids).logits, model(input_ids=ids).logits,
@@ -272,9 +276,9 @@ def test_int8_factors_cost_almost_nothing_over_float16_at_the_same_rank(llama_di
         modules = model.compression_config["modules"]  # layer 0's q, k, v: the same inputs in both runs
         kept[factor_bits] = [modules[f"model.layers.0.self_attn.{n}_proj"][1]["output_error_kept"] for n in "qkv"]
     for fp16, int8 in zip(kept[16], kept[8], strict=True):
-        assert fp16 <= int8 < fp16 * 1.02
-    with pytest.raises(CompressorError, match="factor_bits: got 4; use 16"):
-        compressor.compress(recipe_dict(llama_dir, corpus, [{"rtn": {"bits": 2}}, {"lrec": {"factor_bits": 4}}]),
+        assert int8 < fp16 * 1.02  # (B refitted to the rounded A can even do a little better)
+    with pytest.raises(CompressorError, match=r"factor_bits: got 3; use 16 .*, 8 .* or 4 \(int4\)"):
+        compressor.compress(recipe_dict(llama_dir, corpus, [{"rtn": {"bits": 2}}, {"lrec": {"factor_bits": 3}}]),
                             progress=False)
 
 
@@ -291,3 +295,56 @@ def test_int8_factor_layout():
     torch.testing.assert_close(fa @ fb, a @ b, rtol=0.02, atol=0)  # codes 64 and 32 stand for 2.016, 1.008
     # per row one int32 word of codes and a 16-bit scale + 8-bit zero; per rank 10 int8 codes + two float32 scales
     assert q.bits_per_weight() == pytest.approx((4 * 32 + 4 * 24 + 2 * (10 * 8 + 64)) / 24)
+
+
+def test_int4_factor_layout():
+    q = QuantLinear(6, 4, bits=2, group_size=6)
+    a = torch.tensor([[1.2, 0.0], [-2.0, 0.0], [0.5, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])  # [in 6, rank 2]
+    b = torch.tensor([[8.0, -5.0, 2.0, 0.0], [0.0, 0.0, 0.0, 0.0]])  # [rank 2, out 4]
+    q.set_low_rank(a, b, factor_bits=4)
+    # rank 0 balanced to max |a| = max |b| = 4 (a x 2, b / 2), then codes in [-7, 7] of scale 4 / 7:
+    # A's column 2.4, -4, 1 -> 4, -7, 2; B's row 4, -2.5, 1 -> 7, -4, 2; stored as code + 8, 4 bits each, code j at
+    # bit 4 j of one int32 word per rank (A^T's row: 6 codes, B's row: 4 codes; padding bits zero)
+    assert q.lora_a.dtype == torch.int32 and q.lora_a.shape == (2, 1) and q.lora_b.shape == (2, 1)
+    assert q.lora_a[0, 0].item() == 12 | 1 << 4 | 10 << 8 | 8 << 12 | 8 << 16 | 8 << 20
+    assert q.lora_b[0, 0].item() == 15 | 4 << 4 | 10 << 8 | 8 << 12
+    assert q.lora_a[1, 0].item() == 0x888888 and q.lora_a_scale[1] == 1  # an all-zero rank stays zero
+    assert q.lora_a_scale[0].item() == pytest.approx(4 / 7) and q.lora_b_scale[0].item() == pytest.approx(4 / 7)
+    fa, fb = q.low_rank_factors()
+    torch.testing.assert_close(fa[:, 0] * 7 / 4, torch.tensor([4.0, -7, 2, 0, 0, 0]))
+    torch.testing.assert_close(fb[0] * 7 / 4, torch.tensor([7.0, -4, 2, 0]))
+    # per rank 10 int4 codes + two float32 scales
+    assert q.bits_per_weight() == pytest.approx((4 * 32 + 4 * 24 + 2 * (10 * 4 + 64)) / 24)
+    assert "int4 factors" in repr(q)
+
+
+def test_refitting_b_makes_up_for_rounding_a():
+    g = torch.Generator().manual_seed(0)
+    error = torch.randn(48, 64, generator=g)  # [out, in]
+    x = torch.randn(256, 64, generator=g) * torch.linspace(0.1, 3, 64)  # uneven input scales
+    hessian = x.T @ x
+    a, b = torch.randn(64, 8, generator=g), torch.randn(8, 48, generator=g)
+    rounded_a, rounded_b = round_factors(a, b, 4)
+    refit_a, refit_b = refit_factor_b(a, b, error, hessian, 4)
+    torch.testing.assert_close(refit_a, rounded_a)  # A is rounded as storing rounds it
+    before = output_error(error - (rounded_a @ rounded_b).T, hessian)
+    after = output_error(error - (refit_a @ refit_b).T, hessian)  # B the least-squares fit to the rounded A
+    assert after < 0.9 * before
+    rounded_again = round_factors(refit_a, refit_b, 4)  # storing keeps A's codes (times c per rank), rounds B
+    torch.testing.assert_close(rounded_again[0] / rounded_again[0].abs().amax(0), refit_a / refit_a.abs().amax(0))
+    assert output_error(error - (rounded_again[0] @ rounded_again[1]).T, hessian) < before
+
+
+def test_refinement_trains_integer_factors_as_they_are_stored():
+    q = QuantLinear(64, 32, bits=2, group_size=32, rank=4, factor_bits=4)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 4, generator=g).requires_grad_()
+    b = torch.randn(4, 32, generator=g).requires_grad_()
+    x = torch.randn(3, 64, generator=g)
+    trained = lrec_refine._quantized_forward(q, (a, b), None)(x)
+    trained.pow(2).sum().backward()
+    assert a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0  # straight through the rounding
+    q.set_low_rank(a.detach(), b.detach())
+    with torch.no_grad():
+        torch.testing.assert_close(trained.detach(), q(x), rtol=0, atol=1e-5)
+        assert not torch.allclose(trained, F.linear(x, q.weight_dequantized()) + x @ a @ b, atol=1e-3)

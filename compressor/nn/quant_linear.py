@@ -4,28 +4,48 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.formats import bits_per_weight, dequantize, packed_words
+from compressor.formats import bits_per_weight, dequantize, pack, packed_words, unpack
 
-FACTOR_BITS = (16, 8)  # LREC factors: in the scales' dtype, or int8 codes with a float32 scale per rank
+FACTOR_BITS = (16, 8, 4)  # LREC factors: in the scales' dtype, or int8 / int4 codes with a float32 scale per rank
 
 
 def low_rank_bits(in_features: int, out_features: int, rank: int, factor_bits: int) -> int:
-    """Storage bits of rank-r factors A [in, r], B [r, out]; int8 factors add two float32 scales per rank."""
-    return rank * ((in_features + out_features) * factor_bits + (64 if factor_bits == 8 else 0))
+    """Storage bits of rank-r factors A [in, r], B [r, out]; integer factors add two float32 scales per rank."""
+    return rank * ((in_features + out_features) * factor_bits + (64 if factor_bits < 16 else 0))
 
 
-def int8_codes(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 codes of t with one float32 scale per slice along `dim` (max |t| -> 127)."""
-    scale = t.abs().amax(dim=dim).float() / 127
+def factor_codes(t: torch.Tensor, dim: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric codes of t in [-(2^(bits-1) - 1), 2^(bits-1) - 1] (int8) with one float32 scale per slice
+    along `dim` (max |t| -> the largest code)."""
+    top = 2 ** (bits - 1) - 1
+    scale = t.abs().amax(dim=dim).float() / top
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     shape = (1, -1) if dim == 0 else (-1, 1)
-    return (t.float() / scale.view(shape)).round().clamp(-127, 127).to(torch.int8), scale
+    return (t.float() / scale.view(shape)).round().clamp(-top, top).to(torch.int8), scale
+
+
+def quantize_factors(a: torch.Tensor, b: torch.Tensor, bits: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes and per-rank scales of A [in, r] (codes [in, r], scales [r]) and B [r, out] (codes [r, out],
+    scales [r]). (A c) (B / c) = A B: first give each rank's column of A and row of B the same max |.|, so
+    both codes use their range and neither scale is tiny."""
+    peak_a, peak_b = a.abs().amax(0).float(), b.abs().amax(1).float()
+    c = torch.where((peak_a > 0) & (peak_b > 0), (peak_b / peak_a.clamp_min(1e-30)).sqrt(), torch.ones_like(peak_a))
+    return *factor_codes(a.float() * c, 0, bits), *factor_codes(b.float() / c[:, None], 1, bits)
+
+
+def round_factors(a: torch.Tensor, b: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 factors that storing A, B as `bits`-bit codes keeps (QuantLinear.set_low_rank)."""
+    codes_a, scale_a, codes_b, scale_b = quantize_factors(a, b, bits)
+    return codes_a.float() * scale_a[None, :], codes_b.float() * scale_b[:, None]
 
 
 class QuantLinear(nn.Module):
     """y = x dequant(qweight)^T + (x A) B + bias, the low-rank term only when rank > 0 (LREC factors
     A [in, rank], B [rank, out], stored in the scales' dtype, or with factor_bits 8 as int8 codes times a
-    float32 scale per rank: A = lora_a * lora_a_scale[None, :], B = lora_b * lora_b_scale[:, None]).
+    float32 scale per rank: A = lora_a * lora_a_scale[None, :], B = lora_b * lora_b_scale[:, None]; with
+    factor_bits 4 the codes + 8 are packed as compressor/formats.py packs 4-bit weights, A^T's rows in
+    lora_a [rank, words(in)] and B's in lora_b [rank, words(out)]).
     The PyTorch reference forward dequantizes, then matmuls."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False,
@@ -45,7 +65,7 @@ class QuantLinear(nn.Module):
 
     def set_low_rank(self, a: torch.Tensor, b: torch.Tensor, factor_bits: int | None = None) -> None:
         """Attach (or replace) error-correcting factors a [in, rank], b [rank, out], stored in `factor_bits`
-        (16 or 8; by default as this module's factors already are)."""
+        (16, 8 or 4; by default as this module's factors already are)."""
         self.rank, self.factor_bits = a.shape[1], factor_bits or self.factor_bits
         if self.factor_bits == 16:
             self.register_buffer("lora_a", a.to(self.scales.dtype).contiguous())
@@ -53,11 +73,9 @@ class QuantLinear(nn.Module):
             for name in ("lora_a_scale", "lora_b_scale"):
                 self._buffers.pop(name, None)
             return
-        # (A c) (B / c) = A B: give each rank's column of A and row of B the same max |.|, so both codes
-        # use their range and neither scale is tiny
-        peak_a, peak_b = a.abs().amax(0).float(), b.abs().amax(1).float()
-        c = torch.where((peak_a > 0) & (peak_b > 0), (peak_b / peak_a.clamp_min(1e-30)).sqrt(), torch.ones_like(peak_a))
-        (codes_a, scale_a), (codes_b, scale_b) = int8_codes(a.float() * c, 0), int8_codes(b.float() / c[:, None], 1)
+        codes_a, scale_a, codes_b, scale_b = quantize_factors(a, b, self.factor_bits)
+        if self.factor_bits == 4:
+            codes_a, codes_b = pack(codes_a.T.int() + 8, 4), pack(codes_b.int() + 8, 4)
         self.register_buffer("lora_a", codes_a.contiguous())
         self.register_buffer("lora_b", codes_b.contiguous())
         self.register_buffer("lora_a_scale", scale_a)
@@ -67,8 +85,12 @@ class QuantLinear(nn.Module):
         """The factors as stored, A [in, rank] and B [rank, out], in `dtype`."""
         if self.factor_bits == 16:
             return self.lora_a.to(dtype), self.lora_b.to(dtype)
-        return (self.lora_a.to(dtype) * self.lora_a_scale.to(dtype)[None, :],
-                self.lora_b.to(dtype) * self.lora_b_scale.to(dtype)[:, None])
+        codes_a, codes_b = self.lora_a, self.lora_b
+        if self.factor_bits == 4:
+            codes_a = unpack(codes_a, 4, self.in_features).T.to(dtype) - 8
+            codes_b = unpack(codes_b, 4, self.out_features).to(dtype) - 8
+        return (codes_a.to(dtype) * self.lora_a_scale.to(dtype)[None, :],
+                codes_b.to(dtype) * self.lora_b_scale.to(dtype)[:, None])
 
     def weight_dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
@@ -111,7 +133,7 @@ class QuantLinear(nn.Module):
         """Storage bits per weight: codes, scales, zero points and low-rank factors."""
         scale_bits = torch.finfo(self.scales.dtype).bits
         codes = bits_per_weight(self.out_features, self.in_features, self.bits, self.group_size, scale_bits)
-        factor_bits = scale_bits if self.factor_bits == 16 else 8
+        factor_bits = scale_bits if self.factor_bits == 16 else self.factor_bits
         return codes + low_rank_bits(self.in_features, self.out_features, self.rank, factor_bits) / (
             self.in_features * self.out_features)
 
@@ -131,4 +153,4 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
                 + (f", rank={self.rank}" if self.rank else "")
-                + (", int8 factors" if self.rank and self.factor_bits == 8 else ""))
+                + (f", int{self.factor_bits} factors" if self.rank and self.factor_bits < 16 else ""))

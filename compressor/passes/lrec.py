@@ -5,9 +5,11 @@ calibration inputs (EoRA / QERA; see compressor/passes/svd.py), which minimises 
 error ||X (E^T - A B)||_F. `whiten: false` takes the plain SVD of E^T instead (ZeroQuant-V2's LoRC).
 The quantized weights stay as they are; the factors are stored in float16 (or bfloat16, as the scales) and
 counted in bits per weight. `factor_bits: 8` stores them as int8 codes with a float32 scale per rank
-instead, so the same bits buy about twice the rank. Layer 5, GPTQ W2, 1.0 extra bit per weight,
-4 x 2048 calibration: the output error left (mean over the linears, as a fraction of W2's) falls from
-0.775 to 0.673 on SmolLM2 and from 0.725 to 0.601 on Gemma-3 (GPTQ W3: 0.243, 0.264;
+instead, so the same bits buy about twice the rank; `factor_bits: 4` as int4 codes, four times. Integer
+factors are fitted to what storing keeps: A is rounded first, then B refitted to the rounded A
+(refit_factor_b), then rounded when stored. Layer 5, GPTQ W2, 1.0 extra bit per weight, 4 x 2048
+calibration: the output error left (mean over the linears, as a fraction of W2's) falls from 0.775 to
+0.673 on SmolLM2 and from 0.725 to 0.601 on Gemma-3 (GPTQ W3: 0.243, 0.264;
 eval/results/lrec-int8-factors.md).
 The rank comes from exactly one of `rank` (the same for every targeted linear) or `extra_bits` (a budget:
 the factors add at most this many bits per weight to each linear, rank = floor(extra_bits * in * out /
@@ -32,7 +34,7 @@ import torch
 
 from compressor.errors import CompressorError
 from compressor.nn import QuantLinear
-from compressor.nn.quant_linear import FACTOR_BITS, low_rank_bits
+from compressor.nn.quant_linear import FACTOR_BITS, low_rank_bits, round_factors
 from compressor.passes.base import ParamError, Pass
 from compressor.passes.quantize import check_damp, check_sink_weight
 from compressor.passes.svd import split_factors, whitened_svd
@@ -51,6 +53,19 @@ def output_error(error: torch.Tensor, hessian: torch.Tensor) -> float:
     return (e @ hessian.double() * e).sum().item()
 
 
+def refit_factor_b(a: torch.Tensor, b: torch.Tensor, error: torch.Tensor, hessian: torch.Tensor | None,
+                   bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For factors stored as `bits`-bit codes: A [in, r] rounded as storing rounds it, then B [r, out] refitted
+    to the rounded A' by least squares on the output error of error [out, in] (H = X^T X [in, in]; None: I):
+        B = argmin ||X (error^T - A' B)||^2 = (A'^T H A')^-1 A'^T H error^T
+    so B makes up for A's rounding; storing then rounds B (its codes' error is not made up for)."""
+    a, _ = round_factors(a, b, bits)
+    ha = a.double() if hessian is None else hessian.double() @ a.double()  # [in, r]
+    gram = a.double().T @ ha  # [r, r]
+    ridge = 1e-9 * gram.diagonal().mean().clamp_min(1e-30) * torch.eye(len(gram), dtype=gram.dtype)
+    return a, torch.linalg.solve(gram + ridge, ha.T @ error.T.double()).float()
+
+
 @dataclass
 class LREC(Pass):
     """Error-correcting low-rank factors for linears quantized by an earlier pass (rtn, gptq)."""
@@ -63,7 +78,7 @@ class LREC(Pass):
     rank: int | None = None  # DEFAULT_RANK when extra_bits is not given either
     extra_bits: float | None = None
     whiten: bool = True
-    factor_bits: int = 16  # 16: the scales' dtype; 8: int8 codes and a float32 scale per rank
+    factor_bits: int = 16  # 16: the scales' dtype; 8 or 4: int8 or int4 codes and a float32 scale per rank
     alternate: int = 0  # rounds of re-quantizing W - A B and refitting A, B (LoftQ)
     damp: float = 0.01
     sink_weight: float = 1.0  # as GPTQ's: the first token of each window counts this many times
@@ -79,8 +94,8 @@ class LREC(Pass):
         if self.alternate < 0:
             raise ParamError("alternate", f"got {self.alternate}; use 0 (no re-quantization) or a few rounds, e.g. 4")
         if self.factor_bits not in FACTOR_BITS:
-            raise ParamError("factor_bits", f"got {self.factor_bits}; use 16 (float16/bfloat16 factors) or 8 "
-                                            "(int8 factors, about twice the rank for the same bits)")
+            raise ParamError("factor_bits", f"got {self.factor_bits}; use 16 (float16/bfloat16 factors), 8 "
+                                            "(int8 factors, about twice the rank for the same bits) or 4 (int4)")
         check_damp(self.damp)
         check_sink_weight(self.sink_weight)
 
@@ -113,6 +128,8 @@ class LREC(Pass):
         best = None  # (output error, the state of q that gave it): a round that does worse is not kept
         for step in range(self.alternate + 1):
             factors = split_factors(*whitened_svd(error.T, hessian if self.whiten else None, self.damp), rank)
+            if self.factor_bits < 16:
+                factors = refit_factor_b(*factors, error, hessian if self.whiten else None, self.factor_bits)
             q.set_low_rank(*factors, self.factor_bits)
             a, b = q.low_rank_factors()
             correction = (a @ b).T  # [out, in], as stored
