@@ -1,5 +1,5 @@
 """Layer-level look at W2 + LREC against W3: each linear's output error ||X (W - W')^T||^2 after GPTQ
-W2 + LREC factors worth 1.0 extra bit per weight (float16 or int8 factors, LoftQ-style alternation off
+W2 + LREC factors worth 1.0 extra bit per weight (float16, int8 or int4 factors, LoftQ-style alternation off
 or on) and after GPTQ W3, as a fraction of GPTQ W2's own output error, on one decoder layer of the
 dense model (its inputs are the dense model's, so the numbers are about the quantizers alone).
 
@@ -20,8 +20,10 @@ METHODS = {  # name -> (LREC parameters, or None for GPTQ W3 alone)
     "W3": None,
     "W2 + LREC fp16": {"factor_bits": 16},
     "W2 + LREC int8": {"factor_bits": 8},
+    "W2 + LREC int4": {"factor_bits": 4},
     "W2 + LREC fp16, alternate 4": {"factor_bits": 16, "alternate": 4},
     "W2 + LREC int8, alternate 4": {"factor_bits": 8, "alternate": 4},
+    "W2 + LREC int4, alternate 4": {"factor_bits": 4, "alternate": 4},
 }
 
 

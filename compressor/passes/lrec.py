@@ -6,11 +6,12 @@ error ||X (E^T - A B)||_F. `whiten: false` takes the plain SVD of E^T instead (Z
 The quantized weights stay as they are; the factors are stored in float16 (or bfloat16, as the scales) and
 counted in bits per weight. `factor_bits: 8` stores them as int8 codes with a float32 scale per rank
 instead, so the same bits buy about twice the rank; `factor_bits: 4` as int4 codes, four times. Integer
-factors are fitted to what storing keeps: A is rounded first, then B refitted to the rounded A
-(refit_factor_b), then rounded when stored. Layer 5, GPTQ W2, 1.0 extra bit per weight, 4 x 2048
-calibration: the output error left (mean over the linears, as a fraction of W2's) falls from 0.775 to
-0.673 on SmolLM2 and from 0.725 to 0.601 on Gemma-3 (GPTQ W3: 0.243, 0.264;
-eval/results/lrec-int8-factors.md).
+factors are fitted to what storing keeps (fit_integer_factors): A rounded GPTQ-style (each rounding error
+made up for by the entries not yet rounded), B refitted to the rounded A, then rounded the same way.
+Layer 5, GPTQ W2, 1.0 extra bit per weight, 4 x 2048 calibration: the output error left (mean over the
+linears, as a fraction of W2's) falls from 0.775 to 0.673 on SmolLM2 and from 0.725 to 0.601 on Gemma-3
+with int8 factors, and to 0.486 on Gemma-3 with int4 ones (GPTQ W3: 0.243, 0.264;
+eval/results/lrec-int8-factors.md, eval/results/lrec-int4-factors.md).
 The rank comes from exactly one of `rank` (the same for every targeted linear) or `extra_bits` (a budget:
 the factors add at most this many bits per weight to each linear, rank = floor(extra_bits * in * out /
 (16 * (in + out))) for float16 factors, so wide MLP linears get higher ranks than narrow k/v
@@ -36,7 +37,7 @@ from compressor.errors import CompressorError
 from compressor.nn import QuantLinear
 from compressor.nn.quant_linear import FACTOR_BITS, low_rank_bits, round_factors
 from compressor.passes.base import ParamError, Pass
-from compressor.passes.quantize import check_damp, check_sink_weight
+from compressor.passes.quantize import check_damp, check_sink_weight, inverse_hessian_cholesky
 from compressor.passes.svd import split_factors, whitened_svd
 
 DEFAULT_RANK = 32
@@ -53,17 +54,44 @@ def output_error(error: torch.Tensor, hessian: torch.Tensor) -> float:
     return (e @ hessian.double() * e).sum().item()
 
 
-def refit_factor_b(a: torch.Tensor, b: torch.Tensor, error: torch.Tensor, hessian: torch.Tensor | None,
-                   bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For factors stored as `bits`-bit codes: A [in, r] rounded as storing rounds it, then B [r, out] refitted
-    to the rounded A' by least squares on the output error of error [out, in] (H = X^T X [in, in]; None: I):
-        B = argmin ||X (error^T - A' B)||^2 = (A'^T H A')^-1 A'^T H error^T
-    so B makes up for A's rounding; storing then rounds B (its codes' error is not made up for)."""
-    a, _ = round_factors(a, b, bits)
+def round_with_feedback(w: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, top: int, damp: float
+                        ) -> torch.Tensor:
+    """w [rows, n] rounded to the grid scale * {-top, ..., top} (scale broadcasts to [rows, n]) column by
+    column, each column's rounding error spread over the columns not yet rounded through the inverse of
+    hessian [n, n], as GPTQ does: minimises sum over rows of (w - w') H (w - w')^T better than rounding alone."""
+    W = w.clone().float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).expand_as(W).float()
+    Hinv = inverse_hessian_cholesky(hessian.float(), damp)  # [n, n] upper
+    for i in range(W.shape[1]):
+        rounded = (W[:, i] / scale[:, i]).round().clamp(-top, top) * scale[:, i]
+        err = (W[:, i] - rounded) / Hinv[i, i]
+        W[:, i + 1:] -= err[:, None] * Hinv[i, i + 1:][None, :]
+        W[:, i] = rounded
+    return W
+
+
+def fit_integer_factors(a: torch.Tensor, b: torch.Tensor, error: torch.Tensor, hessian: torch.Tensor | None,
+                        bits: int, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors A [in, r], B [r, out] from the SVD, fitted to `bits`-bit codes with a scale per rank (as
+    QuantLinear.set_low_rank stores them) for the output error ||X (error^T - A B)||^2 (H = X^T X [in, in];
+    None: plain Frobenius, rounding only):
+    1. A rounded with feedback in H. B = Sigma^1/2 Q^T has orthogonal rows, so the error that rounding
+       A's column k adds is sigma_k da_k^T H da_k, a GPTQ problem per rank.
+    2. B refitted to the rounded A' by least squares: B* = (A'^T H A')^-1 A'^T H error^T.
+    3. B* rounded with feedback in G = A'^T H A' [r, r]: the error left is tr((B* - B')^T G (B* - B')).
+    Returns float32 factors on the grids, which storing keeps (up to a rank whose codes no longer reach
+    the grid's end, which storing then rounds again on a finer grid)."""
+    top = 2 ** (bits - 1) - 1
+    if hessian is not None:
+        a = round_with_feedback(a.T, hessian, a.abs().amax(0)[:, None] / top, top, damp).T
+    a, _ = round_factors(a, b, bits)  # as storing keeps it
     ha = a.double() if hessian is None else hessian.double() @ a.double()  # [in, r]
     gram = a.double().T @ ha  # [r, r]
     ridge = 1e-9 * gram.diagonal().mean().clamp_min(1e-30) * torch.eye(len(gram), dtype=gram.dtype)
-    return a, torch.linalg.solve(gram + ridge, ha.T @ error.T.double()).float()
+    b = torch.linalg.solve(gram + ridge, ha.T @ error.T.double()).float()  # [r, out]
+    if hessian is not None:
+        b = round_with_feedback(b.T, gram, b.abs().amax(1)[None, :] / top, top, damp).T
+    return a, b
 
 
 @dataclass
@@ -129,7 +157,8 @@ class LREC(Pass):
         for step in range(self.alternate + 1):
             factors = split_factors(*whitened_svd(error.T, hessian if self.whiten else None, self.damp), rank)
             if self.factor_bits < 16:
-                factors = refit_factor_b(*factors, error, hessian if self.whiten else None, self.factor_bits)
+                factors = fit_integer_factors(*factors, error, hessian if self.whiten else None, self.factor_bits,
+                                              self.damp)
             q.set_low_rank(*factors, self.factor_bits)
             a, b = q.low_rank_factors()
             correction = (a @ b).T  # [out, in], as stored
