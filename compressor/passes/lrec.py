@@ -154,11 +154,11 @@ class LREC(Pass):
         error = dense - q.weight_dequantized(torch.float32)  # [out, in]
         before = output_error(error, H)
         best = None  # (output error, the state of q that gave it): a round that does worse is not kept
+        basis = hessian if self.whiten else None  # None: plain SVD, plain Frobenius error
         for step in range(self.alternate + 1):
-            factors = split_factors(*whitened_svd(error.T, hessian if self.whiten else None, self.damp), rank)
+            factors = split_factors(*whitened_svd(error.T, basis, self.damp), rank)
             if self.factor_bits < 16:
-                factors = fit_integer_factors(*factors, error, hessian if self.whiten else None, self.factor_bits,
-                                              self.damp)
+                factors = fit_integer_factors(*factors, error, basis, self.factor_bits, self.damp)
             q.set_low_rank(*factors, self.factor_bits)
             a, b = q.low_rank_factors()
             correction = (a @ b).T  # [out, in], as stored
