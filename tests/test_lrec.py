@@ -314,8 +314,9 @@ def test_int4_factor_layout():
     fa, fb = q.low_rank_factors()
     torch.testing.assert_close(fa[:, 0] * 7 / 4, torch.tensor([4.0, -7, 2, 0, 0, 0]))
     torch.testing.assert_close(fb[0] * 7 / 4, torch.tensor([7.0, -4, 2, 0]))
-    # per rank 10 int4 codes + two float32 scales
-    assert q.bits_per_weight() == pytest.approx((4 * 32 + 4 * 24 + 2 * (10 * 4 + 64)) / 24)
+    # per rank: one whole int32 word for A^T's row and one for B's (10 int4 codes, 24 padding bits) + two
+    # float32 scales
+    assert q.bits_per_weight() == pytest.approx((4 * 32 + 4 * 24 + 2 * (2 * 32 + 64)) / 24)
     assert "int4 factors" in repr(q)
 
 

@@ -10,8 +10,13 @@ FACTOR_BITS = (16, 8, 4)  # LREC factors: in the scales' dtype, or int8 / int4 c
 
 
 def low_rank_bits(in_features: int, out_features: int, rank: int, factor_bits: int) -> int:
-    """Storage bits of rank-r factors A [in, r], B [r, out]; integer factors add two float32 scales per rank."""
-    return rank * ((in_features + out_features) * factor_bits + (64 if factor_bits < 16 else 0))
+    """Storage bits of rank-r factors A [in, r], B [r, out]; integer factors add two float32 scales per rank,
+    and int4 factors fill whole int32 words (a rank's column of A and row of B are packed separately)."""
+    if factor_bits == 4:
+        entries = (packed_words(in_features, 4) + packed_words(out_features, 4)) * 32
+    else:
+        entries = (in_features + out_features) * factor_bits
+    return rank * (entries + (64 if factor_bits < 16 else 0))
 
 
 def factor_codes(t: torch.Tensor, dim: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
