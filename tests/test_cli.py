@@ -74,6 +74,8 @@ BAD_RECIPES = {
     "gptq sink weight 0": ({"passes": [{"gptq": {"sink_weight": 0}}]}, "passes[0].gptq.sink_weight: got 0"),
     "sparsegpt sink weight -1": ({"passes": [{"sparsegpt": {"sparsity": 0.5, "sink_weight": -1}}]},
                                  "passes[0].sparsegpt.sink_weight: got -1"),
+    "wanda sink weight 0": ({"passes": [{"wanda": {"pattern": "2:4", "sink_weight": 0}}]},
+                            "passes[0].wanda.sink_weight: got 0"),
     "lrec rank 0": ({"passes": [{"rtn": {"bits": 2}}, {"lrec": {"rank": 0}}]}, "passes[1].lrec.rank"),
     "slice fraction 0": ({"passes": [{"slice": {"fraction": 0}}]}, "passes[0].slice.fraction: got 0"),
     "slice fraction 1": ({"passes": [{"slice": {"fraction": 1.0}}]}, "allowed: a number in (0, 1)"),

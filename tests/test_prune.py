@@ -1,7 +1,9 @@
 import pytest
 import torch
+from conftest import recipe_dict
 from torch import nn
 
+import compressor
 from compressor.passes.prune import Magnitude, Wanda, nm_keep_mask, parse_pattern, row_keep_mask
 
 
@@ -55,3 +57,12 @@ def test_wanda_score_uses_input_norms():
     norms = torch.tensor([1.0, 9.0, 2.0, 8.0, 3.0, 7.0, 4.0, 6.0], dtype=torch.float64)
     Wanda(sparsity=0.5).apply("x", linear, norms)
     assert torch.equal(linear.weight[0] != 0, torch.tensor([False, True, False, True, False, True, False, True]))
+
+
+def test_wanda_sink_weight_reaches_the_norms(llama_dir, corpus):
+    def pruned(sink_weight: float) -> torch.Tensor:
+        passes = [{"wanda": {"pattern": "2:4", "sink_weight": sink_weight}}]
+        model = compressor.compress(recipe_dict(llama_dir, corpus, passes), progress=False)
+        return model.model.layers[1].mlp.down_proj.weight_dense()
+
+    assert not torch.equal(pruned(1.0) != 0, pruned(64.0) != 0)

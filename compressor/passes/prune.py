@@ -114,6 +114,12 @@ class Wanda(_Prune):
     name: ClassVar[str] = "wanda"
     stats: ClassVar[str | None] = "input_sq_norms"
 
+    sink_weight: float = 1.0  # as SparseGPT's: the first token of each window counts this many times in ||X_j||^2
+
+    def validate(self) -> None:
+        super().validate()
+        check_sink_weight(self.sink_weight)
+
     def score(self, weight: torch.Tensor, stats: torch.Tensor | None) -> torch.Tensor:
         return weight.abs() * stats.to(weight.device).float().sqrt()[None, :]
 
