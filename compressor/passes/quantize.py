@@ -91,7 +91,8 @@ def check_damp(damp: float) -> None:
 
 
 def check_sink_weight(sink_weight: float) -> None:
-    """`sink_weight`: how many times the first token of each calibration window counts (GPTQ, LREC, SparseGPT)."""
+    """`sink_weight`: how many times the first token of each calibration window counts (GPTQ, LREC, SparseGPT,
+    Wanda)."""
     if not sink_weight > 0:
         raise ParamError("sink_weight", f"got {sink_weight}; use a positive weight for the first token "
                                         "of each calibration window (default 1: no extra weight)")
