@@ -40,6 +40,10 @@ def main() -> None:
     stem = ROOT / "eval" / "results" / args.suite
     rows = json.loads(stem.with_suffix(".json").read_text())["rows"]
     models = sorted({r["model"] for r in rows})
+    names = sorted({family(r["method"]) for r in rows if r.get("linear_bits_per_weight")})
+    tab10 = [c for i, c in enumerate(plt.cm.tab10.colors) if i != 7]  # gray is for dense and superseded rows
+    palette = tab10 + list(plt.cm.Dark2.colors) + list(plt.cm.Set1.colors)
+    colors = {name: palette[i % len(palette)] for i, name in enumerate(names)}  # the same in every panel
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 7), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         mine = [r for r in rows if r["model"] == model]
@@ -54,7 +58,7 @@ def main() -> None:
             elif r["method"] == "dense":
                 ax.axhline(r["ppl"], color="gray", linestyle="--", label=f"dense {r['ppl']:.2f}")
         for name, points in sorted(curves.items()):
-            ax.plot(*zip(*sorted(points), strict=True), marker="o", label=name)
+            ax.plot(*zip(*sorted(points), strict=True), marker="o", label=name, color=colors[name])
         if superseded:
             ax.scatter(*zip(*superseded, strict=True), facecolors="none", edgecolors="gray", zorder=0,
                        label="measured before a later fix (named in the table)")
