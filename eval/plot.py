@@ -40,7 +40,8 @@ def main() -> None:
     stem = ROOT / "eval" / "results" / args.suite
     rows = json.loads(stem.with_suffix(".json").read_text())["rows"]
     models = sorted({r["model"] for r in rows})
-    names = sorted({family(r["method"]) for r in rows if r.get("linear_bits_per_weight")})
+    names = sorted({family(r["method"]) for r in rows  # the families drawn as curves
+                    if r.get("linear_bits_per_weight") and not SUPERSEDED.search(r["method"])})
     tab10 = [c for i, c in enumerate(plt.cm.tab10.colors) if i != 7]  # gray is for dense and superseded rows
     palette = tab10 + list(plt.cm.Dark2.colors) + list(plt.cm.Set1.colors)
     colors = {name: palette[i % len(palette)] for i, name in enumerate(names)}  # the same in every panel
