@@ -23,7 +23,8 @@ token ids (the rows stay keyed by --model):
 
 `--reverse` feeds the same calibration windows last first: the running means then round differently, which
 is enough to flip Wanda 2:4's near-ties (eval/results/wanda-tie-sensitivity.md), so it gives a second draw
-of the peer's result; the row's calibration says "reversed".
+of the peer's result; the row's calibration says "reversed". `--shuffle SEED` feeds them in a seeded random
+order instead (further draws; the row says "shuffled, seed SEED").
 
 Peak memory of a Gemma-3 run: 9.4 GB (GPTQ W4, while it evaluates: the 262k-token vocabulary's logits).
 Before perplexity() turned autograd off, evals reached 13-14 GB and two runs side by side were OOM-killed.
@@ -103,12 +104,14 @@ def run_oneshot(model: torch.nn.Module, ids: torch.Tensor, recipe) -> None:
 
 
 def run(model_source: str, method: str, samples: int, windows: int | None, folder: str | None,
-        reverse: bool = False) -> dict:
+        reverse: bool = False, shuffle: int | None = None) -> dict:
     loaded = load_model(folder or model_source)
     check_tokenizer(model_source, loaded.tokenizer)
     ids = calibration_ids(loaded.tokenizer, samples)
     if reverse:  # the same windows, last first: another rounding of the running sums (a second draw)
         ids = ids.flip(0)
+    if shuffle is not None:  # the same windows in a seeded random order: a further draw
+        ids = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(shuffle))]
     start = time.perf_counter()
     run_oneshot(loaded.model, ids, METHODS[method]())
     compress_wall = time.perf_counter() - start
@@ -120,7 +123,8 @@ def run(model_source: str, method: str, samples: int, windows: int | None, folde
             "transformers": transformers.__version__, "weights": weights_origin(folder),
             "compress_wall_s": round(compress_wall, 1), "compress_peak_rss_mb": round(compress_rss, 1),
             "linear_sparsity": round(zeros, 4),
-            "calibration": f"wikileads-calib-v1, {samples} x {SEQLEN}, seed {SEED}" + (", reversed" if reverse else "")}
+            "calibration": f"wikileads-calib-v1, {samples} x {SEQLEN}, seed {SEED}" + (", reversed" if reverse else "")
+            + (f", shuffled, seed {shuffle}" if shuffle is not None else "")}
 
 
 def read_rows(stem: Path) -> list[dict]:
@@ -153,13 +157,16 @@ def main() -> None:
     parser.add_argument("--windows", type=int, help="first N eval windows only (quick runs)")
     parser.add_argument("--load", metavar="FOLDER", help="start from this model folder (our environment's "
                         "conversion of --model) instead of loading --model here")
-    parser.add_argument("--reverse", action="store_true", help="feed the calibration windows last first (the same "
-                        "data, other float rounding in the running sums: a second draw of a near-tie-sensitive run)")
+    order = parser.add_mutually_exclusive_group()
+    order.add_argument("--reverse", action="store_true", help="feed the calibration windows last first (the same "
+                       "data, other float rounding in the running sums: a second draw of a near-tie-sensitive run)")
+    order.add_argument("--shuffle", type=int, metavar="SEED", help="feed the calibration windows in this seed's "
+                       "random order (further draws)")
     parser.add_argument("--conditions", default="", help="what else ran on the machine meanwhile")
     args = parser.parse_args()
     stem = ROOT / "eval" / "results" / ("peer-llmcompressor" + (f"-windows{args.windows}" if args.windows else ""))
     for method in args.methods:
-        row = run(args.model, method, args.samples, args.windows, args.load, args.reverse)
+        row = run(args.model, method, args.samples, args.windows, args.load, args.reverse, args.shuffle)
         row["conditions"] = args.conditions
         rows = read_rows(stem)  # re-read: another peer run may have written since this one started
         key = (args.model, method, row["calibration"])
