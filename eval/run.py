@@ -9,7 +9,8 @@ checkpoint (so the perplexity is that of the re-loaded checkpoint).
     python eval/run.py quantization --models bundled:smollm2-135m --methods "GPTQ W4 g64"
 
 Writes eval/results/SUITE[-windowsN].json and .md after every job; two runs of one suite (two queues,
-one per core) may share the file, as each re-reads it before adding a row.
+one per core) may share the file, as each re-reads it before adding a row. `kill` of a queue (SIGTERM) also
+stops the job it is running; the work folder is kept, as after a failure.
 """
 
 import argparse
@@ -17,6 +18,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -382,6 +384,15 @@ def conditions_text(saved: dict, args: argparse.Namespace) -> str:
     return text
 
 
+class Stopped(SystemExit):
+    """This queue got SIGTERM (`kill`); between jobs it exits with this message."""
+
+
+def _stop(signum, frame) -> None:
+    # raised inside subprocess.run, which then kills the running job: a killed queue leaves no orphan behind
+    raise Stopped("eval/run.py stopped (SIGTERM)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("suite", choices=list(SUITES))
@@ -395,6 +406,7 @@ def main() -> None:
     parser.add_argument("--work", help="the folder a failed or interrupted run kept: its finished compressions "
                                        "are evaluated, not redone (their compress wall time and memory are kept)")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, _stop)
     methods = SUITES[args.suite]
     for method in args.methods or []:
         if method not in methods:
@@ -421,8 +433,9 @@ def main() -> None:
             if not (row := measured_elsewhere(args.suite, model, method, suffix)):
                 try:
                     row = run_job(model, method, methods[method], args.windows, Path(tmp))
-                except subprocess.CalledProcessError:
-                    sys.exit(f"{model} {method} failed; its files are kept in {tmp} (--work {tmp} reuses them)")
+                except (subprocess.CalledProcessError, Stopped) as error:
+                    how = "was stopped" if isinstance(error, Stopped) else "failed"
+                    sys.exit(f"{model} {method} {how}; its files are kept in {tmp} (--work {tmp} reuses them)")
                 print(f"{model} {method}: ppl {row['ppl']:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
             # re-read: another run of this suite (a second queue) may have added rows or conditions meanwhile
             saved = saved_results(stem)
