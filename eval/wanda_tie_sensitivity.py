@@ -11,6 +11,11 @@ smaller than this spread says nothing about which is better.
 
     python eval/wanda_tie_sensitivity.py --model bundled:gemma-3-270m --sparsity 2:4 --seeds 0 1 2 3
 
+`--running-mean` sums the statistic as llm-compressor does instead (per window, the float32 norm of each input
+column squared, folded into a float32 running mean), with no perturbation; `--reverse` / `--shuffle SEED`
+feed the calibration windows in the orders eval/peer.py gives llm-compressor. Together they ask whether our
+pipeline with the peer's arithmetic lands where the peer does.
+
 Appends one JSON line per seed to --out (so a killed run keeps what it finished).
 """
 
@@ -48,6 +53,38 @@ def perturbed_stats(seed: int, eps: float):
     return collect_perturbed
 
 
+def running_mean_stats(layer, linears, hidden, kwargs, kind, device, sink_weight=1.0):
+    """engine.collect_stats with llm-compressor's Wanda arithmetic for the input norms: per window (in the
+    order given), S <- S * n / (n + 1) + ||x_j||_2^2 / (n + 1), all in float32 (its accumulate_row_scalars)."""
+    if kind != "input_sq_norms" or sink_weight != 1.0:
+        return COLLECT_STATS(layer, linears, hidden, kwargs, kind, device, sink_weight)
+    means = {name: torch.zeros(lin.in_features, device=device) for name, lin in linears.items()}
+    counts = dict.fromkeys(linears, 0)  # windows folded into each mean
+    seen: set[str] = set()
+
+    def hook(name: str):
+        def accumulate(module, inputs):
+            if name in seen:
+                return
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).t().float()  # [in, tokens]
+            n = counts[name]
+            means[name] *= n / (n + 1)
+            means[name] += torch.norm(x, p=2, dim=1) ** 2 / (n + 1)
+            counts[name] = n + 1
+            seen.add(name)
+        return accumulate
+
+    handles = [lin.register_forward_pre_hook(hook(name)) for name, lin in linears.items()]
+    try:
+        for h in hidden:
+            engine.run_layer(layer, h, kwargs, device)
+            seen.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: mean.double() for name, mean in means.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -56,8 +93,15 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=1e-6)
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--calibration-windows", type=int, default=CALIBRATION["samples"])
+    parser.add_argument("--running-mean", action="store_true", help="llm-compressor's float32 running mean, "
+                        "unperturbed (use with --seeds 0)")
+    order = parser.add_mutually_exclusive_group()
+    order.add_argument("--reverse", action="store_true", help="calibration windows last first")
+    order.add_argument("--shuffle", type=int, metavar="SEED", help="calibration windows in this seed's order")
     parser.add_argument("--out", type=Path, default=ROOT / "eval" / "results" / "wanda-tie-sensitivity.jsonl")
     args = parser.parse_args()
+    if args.running_mean and args.seeds != [0]:
+        parser.error("--running-mean is unperturbed: give --seeds 0")
     if min(args.calibration_windows, args.eval_windows) < 1:
         parser.error("--calibration-windows and --eval-windows need at least 1 window each")
     try:
@@ -70,7 +114,11 @@ def main() -> None:
     for seed in args.seeds:
         loaded = load_model(args.model)
         ids = calibration_ids(loaded.tokenizer, args.calibration_windows)
-        engine.collect_stats = perturbed_stats(seed, args.eps)
+        if args.reverse:
+            ids = ids.flip(0)
+        if args.shuffle is not None:
+            ids = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(args.shuffle))]
+        engine.collect_stats = running_mean_stats if args.running_mean else perturbed_stats(seed, args.eps)
         start = time.perf_counter()
         with torch.no_grad():
             compress_model(loaded.model, loaded.adapter, recipe.passes, ids, torch.device("cpu"), False)
@@ -87,6 +135,9 @@ def main() -> None:
             by_layer = [max((mask != ref[name]).float().mean().item() for name, mask in layer.items())
                         for layer, ref in zip(current, reference, strict=True)]
         row = {"model": args.model, "method": f"wanda {args.sparsity}", "seed": seed, "eps": args.eps,
+               "statistic": "float32 running mean (llm-compressor's)" if args.running_mean else "float64 sum",
+               "order": "reversed" if args.reverse else f"shuffled, seed {args.shuffle}"
+               if args.shuffle is not None else "given",
                "ppl": result["ppl"], "protocol": result["protocol"], "windows": result["windows"],
                "windows_in_split": result["windows_in_split"],
                "calibration": CALIBRATION | {"samples": args.calibration_windows},
