@@ -107,11 +107,7 @@ def run(model_source: str, method: str, samples: int, windows: int | None, folde
         reverse: bool = False, shuffle: int | None = None) -> dict:
     loaded = load_model(folder or model_source)
     check_tokenizer(model_source, loaded.tokenizer)
-    ids = calibration_ids(loaded.tokenizer, samples)
-    if reverse:  # the same windows, last first: another rounding of the running sums (a second draw)
-        ids = ids.flip(0)
-    if shuffle is not None:  # the same windows in a seeded random order: a further draw
-        ids = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(shuffle))]
+    ids = calibration_ids(loaded.tokenizer, samples, reverse, shuffle)  # other orders: other roundings
     start = time.perf_counter()
     run_oneshot(loaded.model, ids, METHODS[method]())
     compress_wall = time.perf_counter() - start

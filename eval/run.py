@@ -154,13 +154,22 @@ SUITES = {
 }
 
 
-def calibration_ids(tokenizer, samples: int = CALIBRATION["samples"]):
+def calibration_ids(tokenizer, samples: int = CALIBRATION["samples"], reverse: bool = False,
+                    shuffle: int | None = None):
     """The benchmark's calibration windows, [samples, seqlen] token ids (for the scripts that run a pass
-    themselves instead of through a recipe)."""
+    themselves instead of through a recipe). `reverse`: the same windows last first; `shuffle`: in this
+    seed's random order (further draws of a result that float sums in window order round differently)."""
+    import torch
+
     from compressor.data import calibration_windows, load_documents
 
-    return calibration_windows(tokenizer, load_documents(CALIBRATION["dataset"], "calibration"), samples,
-                               CALIBRATION["seqlen"], CALIBRATION["seed"])
+    ids = calibration_windows(tokenizer, load_documents(CALIBRATION["dataset"], "calibration"), samples,
+                              CALIBRATION["seqlen"], CALIBRATION["seed"])
+    if reverse:
+        ids = ids.flip(0)
+    if shuffle is not None:
+        ids = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(shuffle))]
+    return ids
 
 
 def dense_layers(loaded, windows: int, indices: list[int]):

@@ -113,11 +113,7 @@ def main() -> None:
     recipe = load_recipe({"model": args.model, "passes": [{"wanda": dict(SPARSITIES)[args.sparsity]}]})
     for seed in args.seeds:
         loaded = load_model(args.model)
-        ids = calibration_ids(loaded.tokenizer, args.calibration_windows)
-        if args.reverse:
-            ids = ids.flip(0)
-        if args.shuffle is not None:
-            ids = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(args.shuffle))]
+        ids = calibration_ids(loaded.tokenizer, args.calibration_windows, args.reverse, args.shuffle)
         engine.collect_stats = running_mean_stats if args.running_mean else perturbed_stats(seed, args.eps)
         start = time.perf_counter()
         with torch.no_grad():
