@@ -12,9 +12,10 @@ smaller than this spread says nothing about which is better.
     python eval/wanda_tie_sensitivity.py --model bundled:gemma-3-270m --sparsity 2:4 --seeds 0 1 2 3
 
 `--running-mean` sums the statistic as llm-compressor does instead (per window, the float32 norm of each input
-column squared, folded into a float32 running mean), with no perturbation; `--reverse` / `--shuffle SEED`
+column squared, folded into a float32 running mean), then perturbs it the same way; `--reverse` / `--shuffle SEED`
 feed the calibration windows in the orders eval/peer.py gives llm-compressor. Together they ask whether our
-pipeline with the peer's arithmetic lands where the peer does.
+pipeline with the peer's arithmetic lands where the peer does, and (with seeds other than 0) whether the
+running mean's draws land lower than the float64 sum's.
 
 Appends one JSON line per seed to --out (so a killed run keeps what it finished).
 """
@@ -40,11 +41,12 @@ ROOT = Path(__file__).resolve().parents[1]
 COLLECT_STATS = engine.collect_stats  # the engine's own, which each seed's wrapper calls
 
 
-def perturbed_stats(seed: int, eps: float):
-    """engine.collect_stats, with each input-norm statistic scaled by 1 + eps * N(0, 1) (seeded by linear)."""
+def perturbed_stats(seed: int, eps: float, collect=COLLECT_STATS):
+    """`collect` (engine.collect_stats or running_mean_stats), with each input-norm statistic scaled by
+    1 + eps * N(0, 1) (seeded by linear; seed 0: unperturbed)."""
 
     def collect_perturbed(layer, linears, *args, **kwargs):
-        stats = COLLECT_STATS(layer, linears, *args, **kwargs)
+        stats = collect(layer, linears, *args, **kwargs)
         for name, stat in stats.items():
             if stat.dim() == 1 and seed != 0:  # input_sq_norms: [in] float64
                 generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
@@ -93,15 +95,13 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=1e-6)
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--calibration-windows", type=int, default=CALIBRATION["samples"])
-    parser.add_argument("--running-mean", action="store_true", help="llm-compressor's float32 running mean, "
-                        "unperturbed (use with --seeds 0)")
+    parser.add_argument("--running-mean", action="store_true", help="llm-compressor's float32 running mean "
+                        "instead of the float64 sum (then perturbed by each seed, 0: not)")
     order = parser.add_mutually_exclusive_group()
     order.add_argument("--reverse", action="store_true", help="calibration windows last first")
     order.add_argument("--shuffle", type=int, metavar="SEED", help="calibration windows in this seed's order")
     parser.add_argument("--out", type=Path, default=ROOT / "eval" / "results" / "wanda-tie-sensitivity.jsonl")
     args = parser.parse_args()
-    if args.running_mean and args.seeds != [0]:
-        parser.error("--running-mean is unperturbed: give --seeds 0")
     if min(args.calibration_windows, args.eval_windows) < 1:
         parser.error("--calibration-windows and --eval-windows need at least 1 window each")
     try:
@@ -114,7 +114,8 @@ def main() -> None:
     for seed in args.seeds:
         loaded = load_model(args.model)
         ids = calibration_ids(loaded.tokenizer, args.calibration_windows, args.reverse, args.shuffle)
-        engine.collect_stats = running_mean_stats if args.running_mean else perturbed_stats(seed, args.eps)
+        engine.collect_stats = perturbed_stats(seed, args.eps,
+                                               running_mean_stats if args.running_mean else COLLECT_STATS)
         start = time.perf_counter()
         with torch.no_grad():
             compress_model(loaded.model, loaded.adapter, recipe.passes, ids, torch.device("cpu"), False)
