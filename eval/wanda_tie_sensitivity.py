@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--calibration-windows", type=int, default=CALIBRATION["samples"])
     parser.add_argument("--running-mean", action="store_true", help="llm-compressor's float32 running mean "
-                        "instead of the float64 sum (then perturbed by each seed, 0: not)")
+                        "instead of the float64 sum (each seed but 0 then perturbs it)")
     order = parser.add_mutually_exclusive_group()
     order.add_argument("--reverse", action="store_true", help="calibration windows last first")
     order.add_argument("--shuffle", type=int, metavar="SEED", help="calibration windows in this seed's order")
