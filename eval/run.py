@@ -76,6 +76,12 @@ SUITES = {
             {"gptq": {"bits": bits, "group_size": GROUP}}, {"lrec": {"rank": rank}}]
         + ([{"lrec_refine": {"steps": 100}}] if refine else [])
         for bits in (2, 3) for rank in (8, 16, 32, 64) for refine in (False, True)
+    } | {  # Gemma-3's rank sweep refined: `loss: total` fits only its few huge residual channels and breaks it
+        # (eval/results/gemma-w2-diagnosis.md), so its refined cells use the Gemma W2 recipe's loss
+        f"GPTQ W{bits} + LREC r{rank} refined, next-norm loss": [
+            {"gptq": {"bits": bits, "group_size": GROUP}}, {"lrec": {"rank": rank}},
+            {"lrec_refine": {"steps": 100, "loss": "next_norm"}}]
+        for bits in (2, 3) for rank in (8, 16, 32, 64)
     } | {  # measured before clip_search became GPTQ's default (eval/results/gptq-sink-weight.md)
         f"GPTQ W{bits}, sink weight {weight}, no clip search": [
             {"gptq": {"bits": bits, "group_size": GROUP, "sink_weight": weight, "clip_search": False}}]
