@@ -108,6 +108,9 @@ SUITES = {
         "GPTQ W2 + LREC r16 refined against the dense model": [
             {"gptq": {"bits": 2, "group_size": GROUP}}, {"lrec": {"rank": 16}},
             {"lrec_refine": {"steps": 100, "reference": "model"}}],
+        "GPTQ W2 + LREC r16 refined against the dense model, next-norm loss": [
+            {"gptq": {"bits": 2, "group_size": GROUP}}, {"lrec": {"rank": 16}},
+            {"lrec_refine": {"steps": 100, "reference": "model", "loss": "next_norm"}}],
     } | {  # each residual channel's error relative to its scale (lrec_refine's `loss: channel`)
         "GPTQ W2 + LREC r16 refined, channel loss": [
             {"gptq": {"bits": 2, "group_size": GROUP}}, {"lrec": {"rank": 16}},
