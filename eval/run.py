@@ -109,9 +109,12 @@ SUITES = {
         "GPTQ W2 + LREC r16 refined against the dense model": [
             {"gptq": {"bits": 2, "group_size": GROUP}}, {"lrec": {"rank": 16}},
             {"lrec_refine": {"steps": 100, "reference": "model"}}],
-        "GPTQ W2 + LREC r16 refined against the dense model, next-norm loss": [
-            {"gptq": {"bits": 2, "group_size": GROUP}}, {"lrec": {"rank": 16}},
-            {"lrec_refine": {"steps": 100, "reference": "model", "loss": "next_norm"}}],
+    } | {  # Gemma-3's refined rank sweep: fitted layer by layer it failed at r16 (294.359, windows=16), fitted to
+        # the dense model's hidden states it worked (62.377)
+        f"GPTQ W{bits} + LREC r{rank} refined against the dense model, next-norm loss": [
+            {"gptq": {"bits": bits, "group_size": GROUP}}, {"lrec": {"rank": rank}},
+            {"lrec_refine": {"steps": 100, "reference": "model", "loss": "next_norm"}}]
+        for bits in (2, 3) for rank in (8, 16, 32, 64)
     } | {  # each residual channel's error relative to its scale (lrec_refine's `loss: channel`)
         "GPTQ W2 + LREC r16 refined, channel loss": [
             {"gptq": {"bits": 2, "group_size": GROUP}}, {"lrec": {"rank": 16}},
