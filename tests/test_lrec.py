@@ -174,6 +174,18 @@ def test_refinement_setting_lowers_its_error_and_stores_factors_as_usual(arch, s
     assert model.model.layers[index].mlp.up_proj.lora_a.dtype == torch.float16  # float16 factors, as lrec stored
 
 
+@pytest.mark.parametrize("arch, defaults", [
+    ("llama", {"reference": "layer", "loss": "total"}),
+    ("gemma", {"reference": "model", "loss": "next_norm"}),  # `total` breaks Gemma-3 (the adapter says why)
+])
+def test_refinement_takes_its_defaults_from_the_model_family(arch, defaults, llama_dir, gemma_dir, corpus):
+    passes = [{"gptq": {"bits": 2, "group_size": 32}}, {"lrec": {"rank": 8}}, {"lrec_refine": {"steps": 5}}]
+    model = compressor.compress(recipe_dict(llama_dir if arch == "llama" else gemma_dir, corpus, passes),
+                                progress=False)
+    record = model.compression_config["modules"]["model.layers.1.mlp.up_proj"][-1]
+    assert {key: record[key] for key in defaults} == defaults
+
+
 def test_refinement_without_lrec_is_refused(llama_dir, corpus):
     passes = [{"gptq": {"bits": 2, "group_size": 32}}, {"lrec_refine": {"steps": 5}}]
     with pytest.raises(CompressorError, match="put lrec_refine right after lrec"):

@@ -23,7 +23,7 @@ Gemma-3's residual stream carries a few channels around 1e5 while the rest stay 
 those back to full weight. Gemma-3-270m, the W2 recipe's passes, 16 x 2048 calibration: the layers'
 relative errors stayed 0.2-0.6 under `total`, but after the final norm it was 1.26 (PPL windows=4 3213.0);
 `channel` gives 0.47 and 60.760 (eval/results/gemma-w2-diagnosis.md). On SmolLM2 it did not help
-(W2 + LREC r16, windows=16: 54.276 against 51.628), so `total` stays the default.
+(W2 + LREC r16, windows=16: 54.276 against 51.628).
 
 `loss: next_norm` compares the two outputs as the next decoder layer reads them: after its input norm
 (after the last layer, the model's final norm), a frozen copy of that module:
@@ -39,6 +39,12 @@ on SmolLM2 (the W2 recipe's passes, windows=4) it lost to `total`: 39.680 agains
 factors, Adam's state, the norms, the targets and the loss stay float32): on a CPU with AVX512-BF16 a
 [2048, 640] x [640, 2048] matmul takes 0.035 s in bfloat16 against 0.151 s in float32 (1 thread), so more
 steps fit in the same time. The dense targets are still computed in float32.
+
+Left out of a recipe, `reference` and `loss` take the model adapter's defaults: `layer` and `total` for
+Llama-family models, `model` and `next_norm` for Gemma-3. Gemma-3-270m, GPTQ W2 + LREC r16, windows=16:
+unrefined 116.119; `total` breaks it (above); `next_norm` fitted layer by layer 294.359, fitted to the
+dense model 62.377 (eval/results/quantization-grid-windows16.md). The settings used go into the
+checkpoint's per-module record.
 
 Factors stored as integer codes (`lrec: {factor_bits: 8}` or 4) are trained through their rounding: each
 step's forward uses the factors as storing would round them, the gradient passes straight through to the
@@ -77,16 +83,18 @@ class LRECRefine(LayerPass):
     steps: int = 100
     lr: float = 1e-3
     scales: bool = False
-    reference: str = "layer"  # "layer": the dense layer on the compressed inputs; "model": on the dense inputs
-    loss: str = "total"  # "total": squared error over all channels; "channel": each channel relative to its
-    # scale; "next_norm": the error after the norm through which the next layer reads the output
+    reference: str | None = None  # "layer": the dense layer on the compressed inputs; "model": on the dense
+    # inputs; None: the model adapter's default
+    loss: str | None = None  # "total": squared error over all channels; "channel": each channel relative to its
+    # scale; "next_norm": the error after the norm through which the next layer reads the output; None: the
+    # model adapter's default
     autocast: str = "none"  # "none": float32 throughout; "bfloat16": the matmuls of each step in bfloat16
 
     def validate(self) -> None:
-        if self.reference not in ("layer", "model"):
+        if self.reference not in (None, "layer", "model"):
             raise ParamError("reference", f"got {self.reference!r}; allowed: layer (the dense layer on the "
                                           "compressed layers' outputs) or model (the uncompressed model's outputs)")
-        if self.loss not in ("total", "channel", "next_norm"):
+        if self.loss not in (None, "total", "channel", "next_norm"):
             raise ParamError("loss", f"got {self.loss!r}; allowed: total (squared error over all channels), "
                                      "channel (each channel's squared error relative to its mean square) or "
                                      "next_norm (the error as the next layer's input norm passes it on)")
@@ -101,7 +109,9 @@ class LRECRefine(LayerPass):
     def apply_layer(self, model, adapter, index: int, layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict,
                     device: torch.device, names: list[str]) -> tuple[list[torch.Tensor], dict[str, dict], None]:
         linears = {name: model.get_submodule(name) for name in names}
-        if self.reference == "model":  # carry the dense model's hidden states on (layer 0: the same inputs)
+        reference = self.reference or adapter.refine_reference
+        loss = self.loss or adapter.refine_loss
+        if reference == "model":  # carry the dense model's hidden states on (layer 0: the same inputs)
             self._dense_hidden = dense_outputs(layer, hidden if index == 0 else self._dense_hidden, kwargs, device)
         if not linears:  # targets that leave this layer out
             return hidden, {}, None
@@ -110,17 +120,17 @@ class LRECRefine(LayerPass):
                 raise CompressorError(f"lrec_refine: {name} has no LREC factors or float weights to refine "
                                       "against; put lrec_refine right after lrec in the same recipe"
                                       + ("" if self.scales else " (or set `scales: true` to train the scales)"))
-        if self.reference == "model":
+        if reference == "model":
             targets = self._dense_hidden
         else:
             targets = dense_outputs(layer, hidden, kwargs, device)
-        weight = channel_weights(targets) if self.loss == "channel" else None  # [d] or None
-        readout = next_norm(model, adapter, index).to(device) if self.loss == "next_norm" else nn.Identity()
+        weight = channel_weights(targets) if loss == "channel" else None  # [d] or None
+        readout = next_norm(model, adapter, index).to(device) if loss == "next_norm" else nn.Identity()
         factors, scale_factors, losses = self.fit(layer, linears, hidden, targets, kwargs, device, readout, weight)
         store(linears, factors, scale_factors)
         window = min(len(hidden), len(losses))  # one pass over the windows, at the start and at the end
         record = {"pass": self.name, "steps": self.steps, "lr": self.lr, "scales": self.scales,
-                  "reference": self.reference, "loss": self.loss, "autocast": self.autocast,
+                  "reference": reference, "loss": loss, "autocast": self.autocast,
                   "relative_error_first": round(sum(losses[:window]) / window, 6),
                   "relative_error_last": round(sum(losses[-window:]) / window, 6)}
         return hidden, {name: dict(record) for name in linears}, None
