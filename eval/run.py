@@ -78,11 +78,12 @@ SUITES = {
         for bits in (2, 3) for rank in (8, 16, 32, 64) for refine in (False, True)
     } | {  # Gemma-3's rank sweep refined: `loss: total` fits only its few huge residual channels and breaks it
         # (eval/results/gemma-w2-diagnosis.md), so its refined cells use the next-norm loss. Fitted layer by layer
-        # this still failed at r16 (294.359, windows=16); 'against the dense model' below worked (62.377)
-        f"GPTQ W{bits} + LREC r{rank} refined, next-norm loss": [
+        # this still failed at r16 (294.359, windows=16); fitted to the dense model's hidden states it worked (62.377)
+        f"GPTQ W{bits} + LREC r{rank} refined{against}, next-norm loss": [
             {"gptq": {"bits": bits, "group_size": GROUP}}, {"lrec": {"rank": rank}},
-            {"lrec_refine": {"steps": 100, "loss": "next_norm"}}]
+            {"lrec_refine": {"steps": 100, "reference": reference, "loss": "next_norm"}}]
         for bits in (2, 3) for rank in (8, 16, 32, 64)
+        for against, reference in (("", "layer"), (" against the dense model", "model"))
     } | {  # measured before clip_search became GPTQ's default (eval/results/gptq-sink-weight.md)
         f"GPTQ W{bits}, sink weight {weight}, no clip search": [
             {"gptq": {"bits": bits, "group_size": GROUP, "sink_weight": weight, "clip_search": False}}]
@@ -109,19 +110,15 @@ SUITES = {
         "GPTQ W2 + LREC r16 refined against the dense model": [
             {"gptq": {"bits": 2, "group_size": GROUP}}, {"lrec": {"rank": 16}},
             {"lrec_refine": {"steps": 100, "reference": "model"}}],
-    } | {  # Gemma-3's refined rank sweep: fitted layer by layer it failed at r16 (294.359, windows=16), fitted to
-        # the dense model's hidden states it worked (62.377)
-        f"GPTQ W{bits} + LREC r{rank} refined against the dense model, next-norm loss": [
-            {"gptq": {"bits": bits, "group_size": GROUP}}, {"lrec": {"rank": rank}},
-            {"lrec_refine": {"steps": 100, "reference": "model", "loss": "next_norm"}}]
-        for bits in (2, 3) for rank in (8, 16, 32, 64)
-    } | {  # each residual channel's error relative to its scale (lrec_refine's `loss: channel`)
+    } | {  # each residual channel's error relative to its scale (lrec_refine's `loss: channel`); `reference: layer`
+        # spelled out here and below where Gemma rows were measured while it was every model's default
         "GPTQ W2 + LREC r16 refined, channel loss": [
             {"gptq": {"bits": 2, "group_size": GROUP}}, {"lrec": {"rank": 16}},
-            {"lrec_refine": {"steps": 100, "loss": "channel"}}],
+            {"lrec_refine": {"steps": 100, "reference": "layer", "loss": "channel"}}],
         "GPTQ W2 asymmetric + LREC 1.0 extra bits, alternate 4 refined, channel loss": [  # Gemma's W2, unbroken
             {"gptq": {"bits": 2, "group_size": GROUP, "symmetric": False}},
-            {"lrec": {"extra_bits": 1.0, "alternate": 4}}, {"lrec_refine": {"steps": 100, "loss": "channel"}}],
+            {"lrec": {"extra_bits": 1.0, "alternate": 4}},
+            {"lrec_refine": {"steps": 100, "reference": "layer", "loss": "channel"}}],
     } | {  # int8 factors: about twice the rank for the same bits (eval/results/lrec-int8-factors.md)
         f"GPTQ W2 asymmetric + LREC 1.0 extra bits int8, alternate 4{' refined' if refine else ''}": [
             {"gptq": {"bits": 2, "group_size": GROUP, "symmetric": False}},
@@ -132,7 +129,7 @@ SUITES = {
         # layer's input norm reads it, the Gemma W2 recipe (eval/results/gemma-w2-diagnosis.md)
         f"GPTQ W2 + LREC 1.0 extra bits int8{' refined, next-norm loss' if refine else ''}": [
             {"gptq": {"bits": 2, "group_size": GROUP}}, {"lrec": {"extra_bits": 1.0, "factor_bits": 8}}]
-        + ([{"lrec_refine": {"steps": 100, "loss": "next_norm"}}] if refine else [])
+        + ([{"lrec_refine": {"steps": 100, "reference": "layer", "loss": "next_norm"}}] if refine else [])
         for refine in (False, True)
     } | {  # the same fitted to the dense model's hidden states (OmniQuant-style), autocast to bfloat16
         "GPTQ W2 + LREC 1.0 extra bits int8 refined against the dense model, next-norm loss, bfloat16": [
