@@ -215,17 +215,21 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, device: torc
 def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[torch.Tensor], kwargs: dict,
                   kind: str, device: torch.device, sink_weight: float = 1.0) -> dict[str, Any]:
     """Run the layer on every cached input with hooks on `linears`; return one statistic per linear:
-    "input_sq_norms": sum_t x_t^2, [in] float64; "hessian": sum_t x_t x_t^T, [in, in] float32.
-    The first position of every window (the attention sink) counts `sink_weight` times in the sums.
+    "input_sq_norms": sum_t x_t^2, [in] float64; "hessian": sum_t x_t x_t^T, [in, in] float32;
+    "input_sq_norms_running_mean": llm-compressor's Wanda arithmetic for the same norms, up to scale: per
+    window w, the float32 norm over its tokens squared, folded into a float32 running mean
+    S <- S * w / (w + 1) + ||x_w||^2 / (w + 1), [in] float32 (the same masks as llm-compressor's, not a
+    more exact sum). The first position of every window (the attention sink) counts `sink_weight` times in the sums.
     Each window's forward stops as soon as every linear has seen its input (with all of a layer's linears
     targeted, the last one's matmul and what follows it are skipped), so a linear called twice in one
     forward counts its first call only."""
-    if kind not in ("input_sq_norms", "hessian"):
+    if kind not in ("input_sq_norms", "input_sq_norms_running_mean", "hessian"):
         raise ValueError(f"unknown statistic {kind!r}")
+    running_mean = kind == "input_sq_norms_running_mean"
     sums = {}
     for name, lin in linears.items():
-        shape, dtype = ((lin.in_features,), torch.float64) if kind == "input_sq_norms" else \
-            ((lin.in_features, lin.in_features), torch.float32)
+        shape, dtype = ((lin.in_features, lin.in_features), torch.float32) if kind == "hessian" else \
+            ((lin.in_features,), torch.float32 if running_mean else torch.float64)
         sums[name] = torch.zeros(shape, dtype=dtype, device=device)
 
     # One statistic per input tensor: q/k/v (and gate/up) read the same one. The cache holds the input
@@ -233,6 +237,7 @@ def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[
     shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     seen: set[str] = set()  # the linears whose input this window's forward has reached
+    window = 0  # how many windows came before this one (the running mean's weights)
 
     def hook(name: str):
         def accumulate(module, inputs):
@@ -246,15 +251,21 @@ def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[
                 if kind == "input_sq_norms":
                     x = x.to(torch.float64)
                     stat = (x * x).sum(dim=0)
+                elif running_mean:
+                    stat = torch.norm(x.to(torch.float32).T, p=2, dim=1) ** 2
                 else:
                     x = x.to(torch.float32)
                     stat = x.T @ x
                 # sum_t x_tj^2 is finite exactly when column j is (and does not overflow): checking the
                 # statistic costs a fraction of checking every activation
-                if not torch.isfinite(stat if kind == "input_sq_norms" else torch.diagonal(stat)).all():
+                if not torch.isfinite(torch.diagonal(stat) if kind == "hessian" else stat).all():
                     raise CompressorError(f"non-finite calibration activations entering {name}")
                 shared[id(inputs[0])] = (inputs[0], stat)
-            sums[name] += shared[id(inputs[0])][1]
+            if running_mean:
+                sums[name] *= window / (window + 1)
+                sums[name] += shared[id(inputs[0])][1] / (window + 1)
+            else:
+                sums[name] += shared[id(inputs[0])][1]
             seen.add(name)
             if len(seen) == len(linears):
                 raise _Stop  # nothing later in the layer is needed
@@ -269,6 +280,7 @@ def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[
                 pass
             shared.clear()
             seen.clear()
+            window += 1
     finally:
         for handle in handles:
             handle.remove()

@@ -150,6 +150,9 @@ SUITES = {
     } | {  # the first token of each calibration window counted 64 times (the default since session 21) or once
         f"sparsegpt {label}, sink weight {weight}": [{"sparsegpt": {**setting, "sink_weight": weight}}]
         for weight in (1, 64) for label, setting in SPARSITIES
+    } | {  # the input norms summed as llm-compressor sums them (eval/results/wanda-tie-sensitivity.md)
+        f"wanda {label}, running mean": [{"wanda": {**setting, "norms": "running_mean"}}]
+        for label, setting in SPARSITIES
     },
     "slicing": {"dense": None} | {f"slice {pct}%": [{"slice": {"fraction": pct / 100}}] for pct in (10, 20, 25, 30)} | {
         "slice 26%, layer 0 unsliced": [SLICE_25_LAYER_0_KEPT],

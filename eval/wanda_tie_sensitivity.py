@@ -11,11 +11,11 @@ smaller than this spread says nothing about which is better.
 
     python eval/wanda_tie_sensitivity.py --model bundled:gemma-3-270m --sparsity 2:4 --seeds 0 1 2 3
 
-`--running-mean` sums the statistic as llm-compressor does instead (per window, the float32 norm of each input
-column squared, folded into a float32 running mean), then perturbs it the same way; `--reverse` / `--shuffle SEED`
-feed the calibration windows in the orders eval/peer.py gives llm-compressor. Together they ask whether our
-pipeline with the peer's arithmetic lands where the peer does, and (with seeds other than 0) whether the
-running mean's draws land lower than the float64 sum's.
+`--running-mean` sums the statistic as llm-compressor does instead (`wanda: {norms: running_mean}`: per
+window, the float32 norm of each input column squared, folded into a float32 running mean), then perturbs it
+the same way; `--reverse` / `--shuffle SEED` feed the calibration windows in the orders eval/peer.py gives
+llm-compressor. Together they ask whether our pipeline with the peer's arithmetic lands where the peer does,
+and (with seeds other than 0) whether the running mean's draws land lower than the float64 sum's.
 
 Appends one JSON line per seed to --out (so a killed run keeps what it finished).
 """
@@ -41,50 +41,19 @@ ROOT = Path(__file__).resolve().parents[1]
 COLLECT_STATS = engine.collect_stats  # the engine's own, which each seed's wrapper calls
 
 
-def perturbed_stats(seed: int, eps: float, collect=COLLECT_STATS):
-    """`collect` (engine.collect_stats or running_mean_stats), with each input-norm statistic scaled by
-    1 + eps * N(0, 1) (seeded by linear; seed 0: unperturbed)."""
+def perturbed_stats(seed: int, eps: float):
+    """engine.collect_stats, with each input-norm statistic scaled by 1 + eps * N(0, 1) in float64 (seeded by
+    linear; seed 0: unperturbed)."""
 
     def collect_perturbed(layer, linears, *args, **kwargs):
-        stats = collect(layer, linears, *args, **kwargs)
+        stats = COLLECT_STATS(layer, linears, *args, **kwargs)
         for name, stat in stats.items():
-            if stat.dim() == 1 and seed != 0:  # input_sq_norms: [in] float64
+            if stat.dim() == 1 and seed != 0:  # the input norms, [in]
                 generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-                stat *= 1 + eps * torch.randn(stat.shape, generator=generator, dtype=stat.dtype)
+                stats[name] = stat.double() * (1 + eps * torch.randn(stat.shape, generator=generator,
+                                                                     dtype=torch.float64))
         return stats
     return collect_perturbed
-
-
-def running_mean_stats(layer, linears, hidden, kwargs, kind, device, sink_weight=1.0):
-    """engine.collect_stats with llm-compressor's Wanda arithmetic for the input norms: per window (in the
-    order given), S <- S * n / (n + 1) + ||x_j||_2^2 / (n + 1), all in float32 (its accumulate_row_scalars)."""
-    if kind != "input_sq_norms" or sink_weight != 1.0:
-        return COLLECT_STATS(layer, linears, hidden, kwargs, kind, device, sink_weight)
-    means = {name: torch.zeros(lin.in_features, device=device) for name, lin in linears.items()}
-    counts = dict.fromkeys(linears, 0)  # windows folded into each mean
-    seen: set[str] = set()
-
-    def hook(name: str):
-        def accumulate(module, inputs):
-            if name in seen:
-                return
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).t().float()  # [in, tokens]
-            n = counts[name]
-            means[name] *= n / (n + 1)
-            means[name] += torch.norm(x, p=2, dim=1) ** 2 / (n + 1)
-            counts[name] = n + 1
-            seen.add(name)
-        return accumulate
-
-    handles = [lin.register_forward_pre_hook(hook(name)) for name, lin in linears.items()]
-    try:
-        for h in hidden:
-            engine.run_layer(layer, h, kwargs, device)
-            seen.clear()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: mean.double() for name, mean in means.items()}
 
 
 def main() -> None:
@@ -110,12 +79,12 @@ def main() -> None:
         parser.error(str(error))
 
     reference = None
-    recipe = load_recipe({"model": args.model, "passes": [{"wanda": dict(SPARSITIES)[args.sparsity]}]})
+    wanda = dict(SPARSITIES)[args.sparsity] | ({"norms": "running_mean"} if args.running_mean else {})
+    recipe = load_recipe({"model": args.model, "passes": [{"wanda": wanda}]})
     for seed in args.seeds:
         loaded = load_model(args.model)
         ids = calibration_ids(loaded.tokenizer, args.calibration_windows, args.reverse, args.shuffle)
-        engine.collect_stats = perturbed_stats(seed, args.eps,
-                                               running_mean_stats if args.running_mean else COLLECT_STATS)
+        engine.collect_stats = perturbed_stats(seed, args.eps)
         start = time.perf_counter()
         with torch.no_grad():
             compress_model(loaded.model, loaded.adapter, recipe.passes, ids, torch.device("cpu"), False)

@@ -76,6 +76,8 @@ BAD_RECIPES = {
                                  "passes[0].sparsegpt.sink_weight: got -1"),
     "wanda sink weight 0": ({"passes": [{"wanda": {"pattern": "2:4", "sink_weight": 0}}]},
                             "passes[0].wanda.sink_weight: got 0"),
+    "wanda norms misspelt": ({"passes": [{"wanda": {"pattern": "2:4", "norms": "running-mean"}}]},
+                             "passes[0].wanda.norms: got 'running-mean'; allowed: sum, running_mean"),
     "lrec rank 0": ({"passes": [{"rtn": {"bits": 2}}, {"lrec": {"rank": 0}}]}, "passes[1].lrec.rank"),
     "slice fraction 0": ({"passes": [{"slice": {"fraction": 0}}]}, "passes[0].slice.fraction: got 0"),
     "slice fraction 1": ({"passes": [{"slice": {"fraction": 1.0}}]}, "allowed: a number in (0, 1)"),

@@ -140,6 +140,30 @@ def test_sink_weight_counts_the_first_token_of_every_window_that_many_times(kind
     assert not torch.allclose(plain.double(), expected, rtol=1e-3)
 
 
+def test_running_mean_norms_follow_llm_compressors_arithmetic_bit_for_bit(llama_dir):
+    """Wanda's `norms: running_mean`: per window w, the float32 norm over its tokens squared, folded into a
+    float32 running mean S <- S * w / (w + 1) + n_w / (w + 1) (llm-compressor's), so the masks match its own."""
+    from compressor.engine import capture_layer_inputs, collect_stats
+
+    loaded = load_model(str(llama_dir))
+    hidden, layer_kwargs = capture_layer_inputs(loaded.model, loaded.adapter, windows(n=3))
+    layer = loaded.model.model.layers[0]
+    linear = layer.mlp.down_proj
+    seen = []
+    handle = linear.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0][0]))
+    stats = collect_stats(layer, {"down": linear}, hidden, layer_kwargs[0], "input_sq_norms_running_mean",
+                          torch.device("cpu"))["down"]
+    handle.remove()
+    expected = torch.zeros(linear.in_features)
+    for w, x in enumerate(seen):  # x: [tokens, in] float32
+        expected *= w / (w + 1)
+        expected += torch.norm(x.T, p=2, dim=1) ** 2 / (w + 1)
+    assert len(seen) == 3 and stats.dtype == torch.float32
+    assert torch.equal(stats, expected)
+    exact = collect_stats(layer, {"down": linear}, hidden, layer_kwargs[0], "input_sq_norms", torch.device("cpu"))
+    torch.testing.assert_close(stats.double(), exact["down"] / 3, rtol=1e-5, atol=0)
+
+
 def test_non_finite_activations_name_the_linear(llama_dir):
     # layer 0's down_proj, left out of the pass, puts Inf into the residual stream: layer 1 reads NaN/Inf
     loaded = load_model(str(llama_dir))

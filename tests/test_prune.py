@@ -67,3 +67,20 @@ def test_sink_weight_reaches_the_statistics(pruner, llama_dir, corpus):
         return model.model.layers[1].mlp.down_proj.weight_dense()
 
     assert not torch.equal(pruned(1.0), pruned(64.0))
+
+
+def test_wanda_running_mean_norms_reach_the_statistics(llama_dir, corpus, monkeypatch):
+    from compressor import engine
+
+    kinds = []
+    collect = engine.collect_stats
+    monkeypatch.setattr(engine, "collect_stats", lambda *args: kinds.append(args[4]) or collect(*args))
+
+    def pruned(norms: str) -> torch.Tensor:
+        passes = [{"wanda": {"pattern": "2:4", "norms": norms}}]
+        model = compressor.compress(recipe_dict(llama_dir, corpus, passes), progress=False)
+        return model.model.layers[1].mlp.down_proj.weight_dense() != 0
+
+    differ = (pruned("sum") != pruned("running_mean")).float().mean()
+    assert set(kinds) == {"input_sq_norms", "input_sq_norms_running_mean"}
+    assert differ < 0.01  # the same norms up to rounding: near-ties at most

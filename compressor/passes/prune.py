@@ -112,13 +112,22 @@ class Wanda(_Prune):
     """Drop the weights of smallest |W_ij| * ||X_j||_2 (Sun et al., 2023), X the linear's calibration inputs."""
 
     name: ClassVar[str] = "wanda"
-    stats: ClassVar[str | None] = "input_sq_norms"
+    norms_allowed: ClassVar[tuple[str, ...]] = ("sum", "running_mean")
 
     sink_weight: float = 1.0  # as SparseGPT's: the first token of each window counts this many times in ||X_j||^2
+    # How ||X_j||^2 is summed: "sum", over every calibration token in float64; "running_mean", llm-compressor's
+    # float32 running mean of each window's squared norm, which reproduces its masks (see engine.collect_stats)
+    norms: str = "sum"
+
+    @property
+    def stats(self) -> str:
+        return "input_sq_norms" if self.norms == "sum" else "input_sq_norms_running_mean"
 
     def validate(self) -> None:
         super().validate()
         check_sink_weight(self.sink_weight)
+        if self.norms not in self.norms_allowed:
+            raise ParamError("norms", f"got {self.norms!r}; allowed: {', '.join(self.norms_allowed)}")
 
     def score(self, weight: torch.Tensor, stats: torch.Tensor | None) -> torch.Tensor:
         return weight.abs() * stats.to(weight.device).float().sqrt()[None, :]
