@@ -34,6 +34,7 @@ MODELS = ["bundled:smollm2-135m", "bundled:gemma-3-270m"]
 CALIBRATION = {"dataset": "bundled:wikileads", "samples": 64, "seqlen": 2048, "seed": 0}
 GROUP = "group size of the model"
 GROUP_SIZE = {"bundled:smollm2-135m": 64, "bundled:gemma-3-270m": 128}  # 576 = 9 x 64, 640 = 5 x 128
+FAMILY = {"bundled:smollm2-135m": "llama", "bundled:gemma-3-270m": "gemma3"}  # each model's adapter
 # as many parameters as slice 25% (a few fewer), but layer 0, where the embeddings enter, kept whole
 SLICE_25_LAYER_0_KEPT = {"slice": {"fraction": 0.26, "layer_fractions": {0: 0.0}}}
 SPARSITIES = [("50%", {"sparsity": 0.5}), ("2:4", {"pattern": "2:4"}), ("4:8", {"pattern": "4:8"}),
@@ -238,10 +239,15 @@ def pruned_masks(loaded) -> list[dict]:
 
 
 def resolved(passes: list | None, model: str) -> list | None:
-    """The suite's passes with GROUP replaced by the model's group size, one pass per step."""
+    """The suite's passes with GROUP replaced by the model's group size and the model family's defaults
+    spelled out (lrec_refine's reference and loss, from the adapter), one pass per step."""
+    from compressor.models.adapters import adapter_named
+
     if passes is None:
         return None
-    return [{p: {k: GROUP_SIZE[model] if v == GROUP else v for k, v in params.items()}}
+    adapter = adapter_named(FAMILY[model])
+    family = {"lrec_refine": {"reference": adapter.refine_reference, "loss": adapter.refine_loss}}
+    return [{p: family.get(p, {}) | {k: GROUP_SIZE[model] if v == GROUP else v for k, v in params.items()}}
             for step in passes for p, params in step.items()]
 
 
