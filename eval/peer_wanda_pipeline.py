@@ -7,8 +7,8 @@ layer, each layer's statistics taken on the outputs of the layers it already pru
 calibration windows: ours through the engine (`compress_model`), theirs through `oneshot` (eval/peer.py's
 Wanda). Prints the perplexity of both pruned models (and the dense one) on the first --eval-windows eval
 windows, then for each layer the largest fraction of weights whose kept/pruned state differs between the
-two, over its linears. `--running-mean`: ours sums the statistic with llm-compressor's arithmetic (see
-eval/wanda_tie_sensitivity.py), so the two differ only in the layers' own rounding.
+two, over its linears. `--norms running_mean` (our default since session 44): ours sums the statistic with
+llm-compressor's arithmetic, so the two differ only in the layers' own rounding; `--norms sum`: in float64.
 """
 
 import argparse
@@ -16,12 +16,11 @@ import argparse
 import torch
 from peer import METHODS, run_oneshot
 from run import SPARSITIES, calibration_ids, pruned_masks
-from wanda_tie_sensitivity import running_mean_stats
 
-from compressor import engine
 from compressor.engine import compress_model
 from compressor.evaluate import perplexity
 from compressor.models import LoadedModel, load_model
+from compressor.passes.prune import Wanda
 from compressor.recipe import load_recipe
 
 
@@ -31,7 +30,8 @@ def main() -> None:
     parser.add_argument("--sparsity", default="2:4", choices=[label for label, _ in SPARSITIES])
     parser.add_argument("--windows", type=int, default=8, help="calibration windows of 2048 tokens")
     parser.add_argument("--eval-windows", type=int, default=4)
-    parser.add_argument("--running-mean", action="store_true", help="ours with llm-compressor's float32 running mean")
+    parser.add_argument("--norms", choices=Wanda.norms_allowed, default=Wanda.norms,
+                        help="how our Wanda sums the input norms (the pass's `norms`)")
     args = parser.parse_args()
 
     def ppl(loaded: LoadedModel) -> float:
@@ -40,9 +40,8 @@ def main() -> None:
     loaded = load_model(args.load)
     ids = calibration_ids(loaded.tokenizer, args.windows)
     results = {"dense": ppl(loaded)}
-    if args.running_mean:
-        engine.collect_stats = running_mean_stats
-    recipe = load_recipe({"model": args.load, "passes": [{"wanda": dict(SPARSITIES)[args.sparsity]}]})
+    wanda = dict(SPARSITIES)[args.sparsity] | {"norms": args.norms}
+    recipe = load_recipe({"model": args.load, "passes": [{"wanda": wanda}]})
     with torch.no_grad():
         compress_model(loaded.model, loaded.adapter, recipe.passes, ids, torch.device("cpu"), False)
     ours, results["ours"] = pruned_masks(loaded), ppl(loaded)

@@ -147,13 +147,14 @@ SUITES = {
             {"lrec": {"extra_bits": 1.0, "alternate": 4}}, {"lrec_refine": {"steps": 100, "scales": True}}],
     },
     "pruning": {"dense": None} | {
-        f"{method} {label}": [{method: setting}] for label, setting in SPARSITIES for method in ["magnitude", "wanda"]
+        f"magnitude {label}": [{"magnitude": setting}] for label, setting in SPARSITIES
+    } | {  # the float64 sum of the input norms, Wanda's default until session 44
+        f"wanda {label}": [{"wanda": {**setting, "norms": "sum"}}] for label, setting in SPARSITIES
     } | {  # the first token of each calibration window counted 64 times (the default since session 21) or once
         f"sparsegpt {label}, sink weight {weight}": [{"sparsegpt": {**setting, "sink_weight": weight}}]
         for weight in (1, 64) for label, setting in SPARSITIES
-    } | {  # the input norms summed as llm-compressor sums them (eval/results/wanda-tie-sensitivity.md)
-        f"wanda {label}, running mean": [{"wanda": {**setting, "norms": "running_mean"}}]
-        for label, setting in SPARSITIES
+    } | {  # the input norms summed as llm-compressor sums them, the default (eval/results/wanda-tie-sensitivity.md)
+        f"wanda {label}, running mean": [{"wanda": setting}] for label, setting in SPARSITIES
     },
     "slicing": {"dense": None} | {f"slice {pct}%": [{"slice": {"fraction": pct / 100}}] for pct in (10, 20, 25, 30)} | {
         "slice 26%, layer 0 unsliced": [SLICE_25_LAYER_0_KEPT],

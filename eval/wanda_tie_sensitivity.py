@@ -79,7 +79,7 @@ def main() -> None:
         parser.error(str(error))
 
     reference = None
-    wanda = dict(SPARSITIES)[args.sparsity] | ({"norms": "running_mean"} if args.running_mean else {})
+    wanda = dict(SPARSITIES)[args.sparsity] | {"norms": "running_mean" if args.running_mean else "sum"}
     recipe = load_recipe({"model": args.model, "passes": [{"wanda": wanda}]})
     for seed in args.seeds:
         loaded = load_model(args.model)
