@@ -49,6 +49,7 @@ class Pass:
 
     name: ClassVar[str] = ""
     # Per-linear calibration statistic: None; "input_sq_norms" (sum over tokens of x_j^2, [in], float64);
+    # "input_sq_norms_running_mean" (the same, as llm-compressor's float32 running mean over windows);
     # "hessian" (sum over tokens of x x^T, [in, in], float32); "layer" (a LayerPass that runs the layer itself).
     stats: ClassVar[str | None] = None
     # What a targeted linear must be before the pass ("dense", "pruned", "quantized", "lowrank") and after.
