@@ -79,7 +79,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> PreTrainedMode
         raise CompressorError(f"{path} was written by a newer compressor (format {cc['format_version']}); "
                               "upgrade compressor to load it")
     dtype = getattr(torch, cc["recipe"]["dtype"])
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path))).to(dtype)
+    # dtype= rather than .to(dtype): buffers such as RoPE's inv_freq stay float32, as from_pretrained keeps them
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)), dtype=dtype)
     for name, records in cc["modules"].items():
         for runtime in (r["runtime"] for r in records if "runtime" in r):  # in the order the passes ran
             parent_name, _, child = name.rpartition(".")

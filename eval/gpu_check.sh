@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every check that needs a CUDA GPU, in one run (for a lent device machine): build the kernels, run the GPU
-# tests, benchmark the kernels and the 2:4 semi-structured path. Logs and result files land in $OUT
-# (eval/results/ when OUT is unset). Each step runs even if one before it failed.
+# tests (kernels, 2:4, the whole pipeline), benchmark the kernels and the 2:4 semi-structured path. Logs and
+# result files land in $OUT (eval/results/ when OUT is unset). Each step runs even if one before it failed.
 #
 #     bash eval/gpu_check.sh
 set -uo pipefail
@@ -19,7 +19,7 @@ log=$OUT/gpu-check.log
   start=$SECONDS
   $PY -c "from compressor import kernels; assert kernels.extension() is not None, kernels.unavailable_reason()" \
     && echo "kernels built in $((SECONDS - start)) s"
-  $PY -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py tests/test_semi_structured_gpu.py
+  $PY -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py tests/test_semi_structured_gpu.py tests/test_pipeline_gpu.py
   echo "GPU tests exit $?"
   $PY eval/bench_kernels.py && echo "bench_kernels exit 0"
   $PY eval/bench_semi_structured.py && echo "bench_semi_structured exit 0"

@@ -25,6 +25,17 @@ def test_saved_checkpoint_reloads_with_identical_logits_and_generates(model_dir,
     assert list(out.glob("*.safetensors")) and not list(out.glob("*.bin"))
 
 
+def test_bfloat16_checkpoint_reloads_with_identical_logits(gemma_dir, corpus, tmp_path):
+    """load builds the model in the recipe's dtype as transformers does, RoPE's inverse frequencies in float32."""
+    out = tmp_path / "ckpt"
+    recipe = recipe_dict(gemma_dir, corpus, [{"gptq": {"bits": 4, "group_size": 32}}], out, dtype="bfloat16")
+    model = compressor.compress(recipe, progress=False)
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(compressor.load(out)(input_ids=ids).logits, model(input_ids=ids).logits,
+                                   rtol=0, atol=0)
+
+
 def test_compression_config_records_recipe_modules_and_versions(llama_dir, corpus, tmp_path):
     out = tmp_path / "ckpt"
     compressor.compress(recipe_dict(llama_dir, corpus, [{"magnitude": {"sparsity": 0.25}}], out), progress=False)

@@ -87,7 +87,7 @@ def fit_integer_factors(a: torch.Tensor, b: torch.Tensor, error: torch.Tensor, h
     a, _ = round_factors(a, b, bits)  # as storing keeps it
     ha = a.double() if hessian is None else hessian.double() @ a.double()  # [in, r]
     gram = a.double().T @ ha  # [r, r]
-    ridge = 1e-9 * gram.diagonal().mean().clamp_min(1e-30) * torch.eye(len(gram), dtype=gram.dtype)
+    ridge = 1e-9 * gram.diagonal().mean().clamp_min(1e-30) * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
     b = torch.linalg.solve(gram + ridge, ha.T @ error.T.double()).float()  # [r, out]
     if hessian is not None:
         b = round_with_feedback(b.T, gram, b.abs().amax(1)[None, :] / top, top, damp).T

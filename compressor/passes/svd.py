@@ -36,5 +36,5 @@ def split_factors(left: torch.Tensor, sigma: torch.Tensor, right: torch.Tensor, 
 def energy_rank(sigma: torch.Tensor, energy: float) -> int:
     """Smallest r whose leading singular values keep `energy` of sum(sigma^2)."""
     kept = torch.cumsum(sigma.double() ** 2, 0) / (sigma.double() ** 2).sum()
-    index = int(torch.searchsorted(kept, torch.tensor(energy, dtype=kept.dtype)).item())
+    index = int(torch.searchsorted(kept, torch.tensor(energy, dtype=kept.dtype, device=kept.device)).item())
     return min(index + 1, len(sigma))
