@@ -33,6 +33,8 @@ def compress(recipe: "str | Path | dict | Recipe", model: PreTrainedModel | None
 
     With `model` (and its `tokenizer`) given, that in-memory model is compressed instead of the
     recipe's `model` source. Returns the compressed model; what was done is in `.compression_config`.
+    The recipe's `device` runs the passes one decoder layer at a time, each moved there and back, so the
+    returned model is where it was loaded (the CPU for a recipe's source): `.to("cuda")` to run it there.
     """
     recipe = load_recipe(recipe)
     if recipe.output:
