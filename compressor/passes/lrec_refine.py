@@ -156,8 +156,8 @@ class LRECRefine(LayerPass):
             with torch.enable_grad():
                 for step in range(self.steps):
                     j = step % len(hidden)
-                    y = targets[j].to(device, torch.float32)  # the loss in float32 (mse_loss's backward on CUDA
-                    # refuses a bfloat16 target beside a float32 output)
+                    # the loss in float32: on CUDA, mse_loss's backward refuses a bfloat16 target beside float32
+                    y = targets[j].to(device, torch.float32)
                     with autocast:
                         output = layer_output(layer, hidden[j].to(device), kwargs)
                     loss = relative_error(readout(output.float()), readout(y), weight)
