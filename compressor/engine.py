@@ -244,18 +244,7 @@ def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[
             if name in seen:
                 return
             if id(inputs[0]) not in shared:
-                x = inputs[0]  # [windows, L, in]
-                if sink_weight != 1.0:
-                    x = torch.cat([x[:, :1] * sink_weight ** 0.5, x[:, 1:]], dim=1)
-                x = x.reshape(-1, x.shape[-1])  # [tokens, in]
-                if kind == "input_sq_norms":
-                    x = x.to(torch.float64)
-                    stat = (x * x).sum(dim=0)
-                elif running_mean:
-                    stat = torch.norm(x.to(torch.float32).T, p=2, dim=1) ** 2
-                else:
-                    x = x.to(torch.float32)
-                    stat = x.T @ x
+                stat = _input_statistic(inputs[0], kind, sink_weight)
                 # sum_t x_tj^2 is finite exactly when column j is (and does not overflow): checking the
                 # statistic costs a fraction of checking every activation
                 if not torch.isfinite(torch.diagonal(stat) if kind == "hessian" else stat).all():
@@ -285,6 +274,22 @@ def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[
         for handle in handles:
             handle.remove()
     return sums
+
+
+def _input_statistic(x: torch.Tensor, kind: str, sink_weight: float = 1.0) -> torch.Tensor:
+    """One window's statistic of a linear's input x [windows, L, in] (see collect_stats): sum_t x_t^2 in
+    float64, its float32 norm squared, or sum_t x_t x_t^T in float32; the first position counts
+    `sink_weight` times."""
+    if sink_weight != 1.0:
+        x = torch.cat([x[:, :1] * sink_weight ** 0.5, x[:, 1:]], dim=1)
+    x = x.reshape(-1, x.shape[-1])  # [tokens, in]
+    if kind == "input_sq_norms":
+        x = x.to(torch.float64)
+        return (x * x).sum(dim=0)
+    if kind == "input_sq_norms_running_mean":
+        return torch.norm(x.to(torch.float32).T, p=2, dim=1) ** 2
+    x = x.to(torch.float32)
+    return x.T @ x  # [in, in]
 
 
 def _to(value: Any, device: torch.device | str) -> Any:
