@@ -1,10 +1,12 @@
 """How `lrec_refine` settings lower one decoder layer's error on calibration windows it did not train on.
 
 Quantizes the chosen layers only (GPTQ W2 g128 + LREC 1.0 extra bits, int8 factors: the Gemma W2 recipe's
-passes; --factor-bits 4: int4 factors; the other layers stay dense, so each chosen layer sees dense inputs),
+passes; --factor-bits 4: int4 factors; --bits and --rank: other grids and a fixed rank; the other layers stay
+dense, so each chosen layer sees dense inputs),
 then, from the same starting factors, refines each with every setting in --configs on the first --train
 calibration windows and reports the next-norm relative error (`loss: next_norm`) on the --heldout windows after
-them: every 50 steps (the factors as trained: integer factors rounded as stored) and at the end (stored).
+them: after 5 and 20 steps and every 50 (the factors as trained: integer factors rounded as stored) and at the
+end (stored).
 
     python eval/refine_heldout.py --layers 3 12 --configs 1e-3:300 3e-3:200 1e-3:300:scales:bfloat16
 
@@ -42,6 +44,8 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=4)
     ap.add_argument("--configs", nargs="+", default=["1e-3:100", "1e-3:300"])
     ap.add_argument("--factor-bits", type=int, default=8, help="the lrec pass's factor_bits")
+    ap.add_argument("--bits", type=int, default=2, help="GPTQ's bits (groups of 128)")
+    ap.add_argument("--rank", type=int, help="a fixed LREC rank instead of 1.0 extra bits per weight")
     ap.add_argument("--out", default="refine-heldout.jsonl")
     args = ap.parse_args()
     targets = [r"re:model\.layers\.(" + "|".join(map(str, args.layers)) + r")\..*"]
@@ -49,8 +53,9 @@ def main() -> None:
         "model": args.model,
         "calibration": {"dataset": "bundled:wikileads", "samples": args.train + args.heldout, "seqlen": 2048,
                         "seed": 0},
-        "passes": [{"gptq": {"bits": 2, "group_size": 128, "targets": targets}},
-                   {"lrec": {"extra_bits": 1.0, "factor_bits": args.factor_bits, "targets": targets}},
+        "passes": [{"gptq": {"bits": args.bits, "group_size": 128, "targets": targets}},
+                   {"lrec": {**({"rank": args.rank} if args.rank else {"extra_bits": 1.0}),
+                             "factor_bits": args.factor_bits, "targets": targets}},
                    {"lrec_refine": {"steps": 1, "loss": "next_norm", "targets": targets}}]})
 
     def sweep(self, model, adapter, index, layer, hidden, kwargs, device, names):
@@ -68,10 +73,10 @@ def main() -> None:
             lr, steps, *flags = config.split(":")
             refine = lrec_refine.LRECRefine(steps=int(steps), lr=float(lr), scales="scales" in flags,
                                             loss="next_norm", autocast="bfloat16" if "bfloat16" in flags else "none")
-            curve = []  # (step, held-out error) every 50 steps
+            curve = []  # (step, held-out error)
 
             def probe(step: int, curve: list = curve) -> None:
-                if step % 50 == 0:
+                if step in (5, 20) or step % 50 == 0:
                     curve.append((step, round(heldout_error(layer, held, held_targets, kwargs, readout), 6)))
 
             began = time.time()
@@ -85,7 +90,8 @@ def main() -> None:
                     linears[n].set_low_rank(a, b)
                     linears[n].scales.copy_(scales)
             row = {"model": args.model, "layer": index, "train_windows": len(train), "heldout_windows": len(held),
-                   "factor_bits": args.factor_bits, "config": config, "unrefined": round(unrefined, 6),
+                   "bits": args.bits, "rank": args.rank or "1.0 extra bits", "factor_bits": args.factor_bits,
+                   "config": config, "unrefined": round(unrefined, 6),
                    "curve": curve, "stored": round(stored, 6),
                    "seconds": round(seconds), "threads": torch.get_num_threads()}
             print(json.dumps(row), flush=True)
