@@ -156,6 +156,19 @@ def test_next_norm_loss_counts_each_token_relative_to_its_scale():
                                lrec_refine.relative_error(norm(small_off), norm(target), None))
 
 
+def test_balanced_factors_keep_their_product_and_share_one_size_per_rank():
+    a, b = torch.randn(64, 4) * 1e-3, torch.randn(4, 32)  # A tiny, as the whitened start leaves it on Gemma-3
+    a[:, 3] = 0  # a rank component that is zero stays as it is
+    a2, b2 = lrec_refine.balanced(a, b)
+    torch.testing.assert_close(a2 @ b2, a @ b)
+    rms_a, rms_b = a2.pow(2).mean(0).sqrt(), b2.pow(2).mean(1).sqrt()
+    torch.testing.assert_close(rms_a[:3], rms_b[:3])
+    torch.testing.assert_close(b2[3], b[3])
+    codes = round_factors(a, b, 8)  # int8 factors are rounded per rank component: the same after rescaling
+    rounded = round_factors(a2, b2, 8)
+    torch.testing.assert_close(rounded[0] @ rounded[1], codes[0] @ codes[1])
+
+
 @pytest.mark.parametrize("arch, setting, layer", [
     ("llama", {"loss": "channel"}, 1),
     ("gemma", {"loss": "next_norm"}, -1),  # the last layer: read through the final norm

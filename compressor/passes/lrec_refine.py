@@ -142,7 +142,7 @@ class LRECRefine(LayerPass):
         """Train the factors A, B of the linears that have them (with `scales`, a factor on each group's scale)
         for `steps` Adam steps on relative_error(readout(layer(hidden[j])), readout(targets[j])); `on_step(n)`,
         if given, runs after step n. Returns the trained tensors, not yet stored, and each step's loss."""
-        factors = {name: tuple(t.detach().requires_grad_() for t in q.low_rank_factors())
+        factors = {name: tuple(t.requires_grad_() for t in balanced(*q.low_rank_factors()))
                    for name, q in linears.items() if q.rank}
         scale_factors = {name: torch.ones_like(q.scales, dtype=torch.float32, requires_grad=True)
                          for name, q in linears.items()} if self.scales else {}
@@ -175,6 +175,19 @@ class LRECRefine(LayerPass):
     def finish(self, model, adapter) -> dict[str, dict]:
         self.__dict__.pop("_dense_hidden", None)
         return {}
+
+
+@torch.no_grad()
+def balanced(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [in, r] and B [r, out] rescaled, A[:, k] * c_k and B[k, :] / c_k, so that column k of A and row k of B
+    have the same root mean square; A B stays the same. Adam moves every entry by about lr a step whatever its
+    size, so both factors need entries of one size: LREC's whitened start puts 1 / sqrt(eigenvalues of H) into
+    A, on Gemma-3's layer 0 an rms of 1e-3 against B's 1 (at lr 1e-3 each step would change A by its own size).
+    Integer factors are rounded per rank component, so the rescaling leaves their rounding as it was."""
+    rms_a = a.pow(2).mean(0).sqrt()  # [r]
+    rms_b = b.pow(2).mean(1).sqrt()  # [r]
+    c = torch.where((rms_a > 0) & (rms_b > 0), (rms_b / rms_a).sqrt(), 1.0)  # [r]; 1 where a factor is zero
+    return a * c, b / c[:, None]
 
 
 @torch.no_grad()
