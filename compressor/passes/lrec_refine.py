@@ -6,7 +6,11 @@ dense layer's output on the same inputs (the outputs of the already compressed p
     min over {A, B}  sum_windows || layer_q+AB(x) - layer_dense(x) ||^2 / ||layer_dense(x)||^2
 which also accounts for how the errors of q, k, v, o, gate, up and down combine through attention
 and the MLP. Put it right after `lrec` in the same recipe (it needs the float weights that the
-quantization pass keeps for the duration of the layer).
+quantization pass keeps for the duration of the layer). Each pair A, B is first rescaled per rank component so
+that both have entries of one size (`balanced`): Adam's steps are about lr in size whatever an entry's, and
+LREC's whitened start can leave A 1000x smaller than B (Gemma-3's layer 0; at lr 1e-3 the unbalanced
+refinement left that layer's held-out error 2-3x above its start, balanced it ends 33-39% below;
+eval/results/lrec-refine-steps.md).
 
 `reference: model` matches, instead, the uncompressed model's own outputs at this layer (the dense
 layers run on the dense inputs, carried along by this pass), as OmniQuant's block-wise training does:
