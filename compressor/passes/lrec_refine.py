@@ -27,7 +27,7 @@ Gemma-3's residual stream carries a few channels around 1e5 while the rest stay 
 those back to full weight. Gemma-3-270m, the W2 recipe's passes, 16 x 2048 calibration: the layers'
 relative errors stayed 0.2-0.6 under `total`, but after the final norm it was 1.26 (PPL windows=4 3213.0);
 `channel` gives 0.47 and 60.760 (eval/results/gemma-w2-diagnosis.md). On SmolLM2 it did not help
-(W2 + LREC r16, windows=16: 54.276 against 51.628).
+(W2 + LREC r16, windows=16: 54.276 against 51.628, both before the factors were balanced).
 
 `loss: next_norm` compares the two outputs as the next decoder layer reads them: after its input norm
 (after the last layer, the model's final norm), a frozen copy of that module:
