@@ -184,10 +184,9 @@ class LRECRefine(LayerPass):
 @torch.no_grad()
 def balanced(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A [in, r] and B [r, out] rescaled, A[:, k] * c_k and B[k, :] / c_k, so that column k of A and row k of B
-    have the same root mean square; A B stays the same. Adam moves every entry by about lr a step whatever its
-    size, so both factors need entries of one size: LREC's whitened start puts 1 / sqrt(eigenvalues of H) into
-    A, on Gemma-3's layer 0 an rms of 1e-3 against B's 1 (at lr 1e-3 each step would change A by its own size).
-    Integer factors are rounded per rank component, so the rescaling leaves their rounding as it was."""
+    have the same root mean square; A B stays the same (why: the module's docstring; LREC's whitened start puts
+    1 / sqrt(eigenvalues of H) into A). Integer factors are rounded per rank component, so the rescaling leaves
+    their rounding as it was."""
     rms_a = a.pow(2).mean(0).sqrt()  # [r]
     rms_b = b.pow(2).mean(1).sqrt()  # [r]
     c = torch.where((rms_a > 0) & (rms_b > 0), (rms_b / rms_a).sqrt(), 1.0)  # [r]; 1 where a factor is zero
