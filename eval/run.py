@@ -9,8 +9,10 @@ checkpoint (so the perplexity is that of the re-loaded checkpoint).
     python eval/run.py quantization --models bundled:smollm2-135m --methods "GPTQ W4 g64"
 
 Writes eval/results/SUITE[-windowsN].json and .md after every job; two runs of one suite (two queues,
-one per core) may share the file, as each re-reads it before adding a row. `kill` of a queue (SIGTERM) also
-stops the job it is running; the work folder is kept, as after a failure.
+one per core) may share the file, as each re-reads it before adding a row. A row records the commit that
+compressed it (`commit`, "+modified" when compressor/ had uncommitted changes), so rows measured before a
+change to a pass can be told apart. `kill` of a queue (SIGTERM) also stops the job it is running; the work
+folder is kept, as after a failure.
 """
 
 import argparse
@@ -295,6 +297,17 @@ def compress_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "compressor.cli", *args]
 
 
+def code_version() -> str | None:
+    """The commit the library runs from, with "+modified" when compressor/ differs from it; None outside git."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+
+    head = git("rev-parse", "--short=12", "HEAD")
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+modified" if git("diff", "--quiet", "HEAD", "--", "compressor").returncode else "")
+
+
 class LoadSampler:
     """The machine's mean 1-minute load average while a job runs, sampled every `every` seconds: about the
     job's own thread count when it ran alone, more when other work shared the cores."""
@@ -341,10 +354,14 @@ def _run_job(model: str, method: str, passes: list | None, windows: int | None, 
         if not (report_path.exists() and recipe_path.exists() and recipe_path.read_text() == text):
             recipe_path.write_text(text)
             report_path.unlink(missing_ok=True)
+            commit = code_version()
             subprocess.run(compress_cmd("run", str(recipe_path), "--json", str(report_path)), check=True, cwd=ROOT)
+            report_path.write_text(json.dumps({**json.loads(report_path.read_text()), "commit": commit}, indent=2))
         report = json.loads(report_path.read_text())
         row.update(compress_wall_s=report["compress_wall_s"],
                    compress_peak_rss_mb=report["compress_memory"]["peak_rss_mb"])
+        if report.get("commit"):  # the code that compressed (reports kept from before this field have none)
+            row["commit"] = report["commit"]
         target = recipe["output"]
     eval_path = work / "eval.json"
     args = ["eval", target, "--json", str(eval_path)] + (["--windows", str(windows)] if windows else [])
