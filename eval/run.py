@@ -134,10 +134,11 @@ SUITES = {
             {"gptq": {"bits": 2, "group_size": GROUP}}, {"lrec": {"extra_bits": 1.0, "factor_bits": 8}}]
         + ([{"lrec_refine": {"steps": 100, "reference": "layer", "loss": "next_norm"}}] if refine else [])
         for refine in (False, True)
-    } | {  # the same fitted to the dense model's hidden states (OmniQuant-style), autocast to bfloat16
-        "GPTQ W2 + LREC 1.0 extra bits int8 refined against the dense model, next-norm loss, bfloat16": [
+    } | {  # the same fitted to the dense model's hidden states (OmniQuant-style), in float32 and autocast to bfloat16
+        f"GPTQ W2 + LREC 1.0 extra bits int8 refined against the dense model, next-norm loss{label}": [
             {"gptq": {"bits": 2, "group_size": GROUP}}, {"lrec": {"extra_bits": 1.0, "factor_bits": 8}},
-            {"lrec_refine": {"steps": 100, "loss": "next_norm", "reference": "model", "autocast": "bfloat16"}}],
+            {"lrec_refine": {"steps": 100, "loss": "next_norm", "reference": "model", "autocast": autocast}}]
+        for label, autocast in (("", "none"), (", bfloat16", "bfloat16"))
     } | {  # GPTQ before b03baa4: a pruning pass that prunes nothing marks the linears, so GPTQ keeps their exact
         # zeros (a GGUF's) at zero (eval/results/gptq-w4-rounding-spread.md)
         f"GPTQ W{bits}, exact zeros frozen": [
