@@ -6,7 +6,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import compressor
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, CompressorWarning
 from compressor.models import adapter_for
 from compressor.nn import QuantLinear
 from compressor.nn.quant_linear import round_factors
@@ -175,7 +175,8 @@ def test_balanced_factors_keep_their_product_and_share_one_size_per_rank():
     ("llama", {"autocast": "bfloat16"}, 1),
 ])
 def test_refinement_setting_lowers_its_error_and_stores_factors_as_usual(arch, setting, layer, llama_dir, gemma_dir,
-                                                                          corpus):
+                                                                          corpus, monkeypatch):
+    monkeypatch.setattr(lrec_refine, "bfloat16_slowdown", lambda device_type: 1.0)  # bfloat16 even on a CPU without it
     passes = [{"gptq": {"bits": 2, "group_size": 32}}, {"lrec": {"rank": 8}},
               {"lrec_refine": {"steps": 40, **setting}}]
     model = compressor.compress(recipe_dict(llama_dir if arch == "llama" else gemma_dir, corpus, passes),
@@ -185,6 +186,22 @@ def test_refinement_setting_lowers_its_error_and_stores_factors_as_usual(arch, s
     assert {key: record[key] for key in setting} == setting
     assert record["relative_error_last"] < 0.9 * record["relative_error_first"]
     assert model.model.layers[index].mlp.up_proj.lora_a.dtype == torch.float16  # float16 factors, as lrec stored
+
+
+def test_bfloat16_refinement_falls_back_to_float32_where_bfloat16_matmuls_are_slow(llama_dir, corpus, monkeypatch):
+    monkeypatch.setattr(lrec_refine, "bfloat16_slowdown", lambda device_type: 190.0)
+    passes = [{"gptq": {"bits": 2, "group_size": 32}}, {"lrec": {"rank": 8}},
+              {"lrec_refine": {"steps": 20, "autocast": "bfloat16"}}]
+    with pytest.warns(CompressorWarning, match="bfloat16 matmuls 190x slower than float32 ones"):
+        model = compressor.compress(recipe_dict(llama_dir, corpus, passes), progress=False)
+    record = model.compression_config["modules"]["model.layers.1.mlp.up_proj"][-1]
+    assert record["autocast"] == "none"  # what ran
+    assert record["relative_error_last"] < record["relative_error_first"]
+
+
+def test_bfloat16_probe_measures_the_cpu_and_trusts_other_devices():
+    assert lrec_refine.bfloat16_slowdown("cpu") > 0
+    assert lrec_refine.bfloat16_slowdown("cuda") == 1.0
 
 
 @pytest.mark.parametrize("arch, defaults", [

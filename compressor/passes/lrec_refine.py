@@ -42,7 +42,10 @@ on SmolLM2 (the W2 recipe's passes, windows=4) it lost to `total`: 39.680 agains
 `autocast: bfloat16` runs the refinement's forward and backward matmuls in bfloat16 (torch.autocast; the
 factors, Adam's state, the norms, the targets and the loss stay float32): on a CPU with AVX512-BF16 a
 [2048, 640] x [640, 2048] matmul takes 0.035 s in bfloat16 against 0.151 s in float32 (1 thread), so more
-steps fit in the same time. The dense targets are still computed in float32.
+steps fit in the same time. The dense targets are still computed in float32. A CPU without native bfloat16
+instructions runs them far slower instead (an AMD EPYC with AVX2 only: 16.9 s against 0.088 s, 190x), so
+where a probe matmul in bfloat16 is more than 2x slower than in float32 the pass warns and refines in float32;
+the record says which ran.
 
 Left out of a recipe, `reference` and `loss` take the model adapter's defaults: `layer` and `total` for
 Llama-family models, `model` and `next_norm` for Gemma-3. Gemma-3-270m, GPTQ W2 + LREC r16, windows=16:
@@ -62,6 +65,9 @@ linear needs no LREC factors to be refined.
 """
 
 import copy
+import functools
+import time
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -69,7 +75,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, CompressorWarning
 from compressor.formats import dequantize, group_index
 from compressor.nn import QuantLinear
 from compressor.nn.quant_linear import round_factors
@@ -135,7 +141,8 @@ class LRECRefine(LayerPass):
         store(linears, factors, scale_factors)
         window = min(len(hidden), len(losses))  # one pass over the windows, at the start and at the end
         record = {"pass": self.name, "steps": self.steps, "lr": self.lr, "scales": self.scales,
-                  "reference": reference, "loss": loss, "autocast": self.autocast,
+                  "reference": reference, "loss": loss,
+                  "autocast": "bfloat16" if runs_bfloat16(self.autocast, device) else "none",
                   "relative_error_first": round(sum(losses[:window]) / window, 6),
                   "relative_error_last": round(sum(losses[-window:]) / window, 6)}
         return hidden, {name: dict(record) for name in linears}, None
@@ -153,7 +160,7 @@ class LRECRefine(LayerPass):
         optimizer = torch.optim.Adam([t for pair in factors.values() for t in pair] + list(scale_factors.values()),
                                      lr=self.lr)
         losses = []
-        autocast = torch.autocast(device.type, torch.bfloat16, enabled=self.autocast == "bfloat16")
+        autocast = torch.autocast(device.type, torch.bfloat16, enabled=runs_bfloat16(self.autocast, device))
         try:
             for name, q in linears.items():
                 q.forward = _quantized_forward(q, factors.get(name), scale_factors.get(name))
@@ -179,6 +186,43 @@ class LRECRefine(LayerPass):
     def finish(self, model, adapter) -> dict[str, dict]:
         self.__dict__.pop("_dense_hidden", None)
         return {}
+
+
+SLOW_BFLOAT16 = 2.0  # a bfloat16 matmul this many times slower than float32: refine in float32 instead
+
+
+def runs_bfloat16(autocast: str, device: torch.device) -> bool:
+    """Whether the refinement's matmuls run in bfloat16: asked for, and not much slower than float32 on `device`
+    (otherwise a warning, once, and float32)."""
+    if autocast != "bfloat16":
+        return False
+    slowdown = bfloat16_slowdown(device.type)
+    if slowdown > SLOW_BFLOAT16:
+        warnings.warn(f"lrec_refine: autocast: bfloat16 asked for, but this CPU runs bfloat16 matmuls {slowdown:.0f}x "
+                      "slower than float32 ones (no native bfloat16 instructions); refining in float32 instead",
+                      CompressorWarning, stacklevel=2)
+        return False
+    return True
+
+
+@functools.cache
+def bfloat16_slowdown(device_type: str) -> float:
+    """How many times longer a [256, 256] x [256, 256] matmul takes in bfloat16 than in float32 on this machine's
+    CPU (best of 3 each); 1.0 for other devices."""
+    if device_type != "cpu":
+        return 1.0
+    a = torch.randn(256, 256)
+
+    def seconds(x: torch.Tensor) -> float:
+        x @ x  # warm-up
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            x @ x
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    return seconds(a.bfloat16()) / seconds(a)
 
 
 @torch.no_grad()
