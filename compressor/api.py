@@ -15,7 +15,7 @@ from compressor.models import LoadedModel, adapter_for, load_model
 from compressor.nn import SparseLinear
 from compressor.passes.prune import store_sparse
 from compressor.recipe import Recipe, load_recipe
-from compressor.runtime import count_parameters, peak_memory, resolve_device
+from compressor.runtime import count_parameters, peak_memory, resolve_device, warn_if_slow_dtype
 
 
 def open_model(source: str, dtype: str = "float32") -> LoadedModel:
@@ -52,6 +52,7 @@ def _compress_loaded(recipe: Recipe, loaded: LoadedModel, overwrite: bool, progr
     model, tokenizer = loaded.model, loaded.tokenizer
     device = resolve_device(recipe.device)
     plan(model, loaded.adapter, recipe.passes)  # fail on bad targets before reading any data
+    warn_if_slow_dtype(model, device)
     windows = None
     if any(p.stats for p in recipe.passes):
         cal = recipe.calibration
@@ -96,6 +97,7 @@ def evaluate(model: "PreTrainedModel | str", tokenizer: PreTrainedTokenizerBase 
         raise CompressorError("evaluate(model) needs tokenizer=... when given a model object")
     home = next(model.parameters()).device
     model.to(resolve_device(device))
+    warn_if_slow_dtype(model, next(model.parameters()).device)
     try:
         report = perplexity(model, tokenizer, dataset, seqlen, windows, progress=progress)
     finally:

@@ -1,12 +1,17 @@
 """Device choice and resource measurements shared by the CLI, the API and the benchmarks."""
 
+import functools
 import resource
 import sys
+import time
+import warnings
 
 import torch
 from torch import nn
 
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, CompressorWarning
+
+SLOW_MATMUL = 2.0  # a dtype whose matmuls run this many times slower than float32's is not worth its memory saving
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -15,6 +20,38 @@ def resolve_device(spec: str = "auto") -> torch.device:
     if spec.startswith("cuda") and not torch.cuda.is_available():
         raise CompressorError(f"device {spec!r} asked for, but torch sees no CUDA GPU; use device: auto or cpu")
     return torch.device(spec)
+
+
+@functools.cache
+def matmul_slowdown(dtype: torch.dtype, device_type: str) -> float:
+    """How many times longer a [256, 256] x [256, 256] matmul takes in `dtype` than in float32 on this machine's
+    CPU (best of 3 each); 1.0 for float32 and off the CPU. A CPU without native bfloat16 / float16 instructions
+    (an AMD EPYC with AVX2 only) runs them about 100x slower."""
+    if dtype == torch.float32 or device_type != "cpu":
+        return 1.0
+    a = torch.randn(256, 256)
+
+    def seconds(x: torch.Tensor) -> float:
+        x @ x  # warm-up
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            x @ x
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    return seconds(a.to(dtype)) / seconds(a)
+
+
+def warn_if_slow_dtype(model: nn.Module, device: torch.device) -> None:
+    """Warn when the model's dtype runs its matmuls far slower than float32 would on `device`."""
+    dtype = next(model.parameters()).dtype
+    slowdown = matmul_slowdown(dtype, device.type)
+    if slowdown > SLOW_MATMUL:
+        name = str(dtype).removeprefix("torch.")
+        warnings.warn(f"the model is in {name}, and this CPU runs {name} matmuls {slowdown:.0f}x slower than float32 "
+                      "ones (no native instructions for them): `dtype: float32` (recipe) runs far faster here",
+                      CompressorWarning, stacklevel=2)
 
 
 def peak_rss_mb() -> float:

@@ -1,12 +1,13 @@
 import json
 import re
+import warnings
 
 import pytest
 import torch
 from conftest import recipe_dict
 
 import compressor
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, CompressorWarning
 
 
 def test_saved_checkpoint_reloads_with_identical_logits_and_generates(model_dir, corpus, tmp_path):
@@ -34,6 +35,21 @@ def test_bfloat16_checkpoint_reloads_with_identical_logits(gemma_dir, corpus, tm
     with torch.no_grad():
         torch.testing.assert_close(compressor.load(out)(input_ids=ids).logits, model(input_ids=ids).logits,
                                    rtol=0, atol=0)
+
+
+def test_a_dtype_this_cpu_runs_slowly_is_warned_about(llama_dir, corpus, monkeypatch):
+    from compressor import runtime
+
+    assert runtime.matmul_slowdown(torch.float32, "cpu") == 1.0
+    assert runtime.matmul_slowdown(torch.bfloat16, "cpu") > 0  # measured on this machine
+    assert runtime.matmul_slowdown(torch.bfloat16, "cuda") == 1.0
+    monkeypatch.setattr(runtime, "matmul_slowdown", lambda dtype, device: 90.0 if dtype == torch.bfloat16 else 1.0)
+    recipe = recipe_dict(llama_dir, corpus, [{"rtn": {"bits": 4, "group_size": 32}}], dtype="bfloat16")
+    with pytest.warns(CompressorWarning, match="bfloat16 matmuls 90x slower than float32 ones"):
+        compressor.compress(recipe, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompressorWarning)
+        compressor.compress(recipe_dict(llama_dir, corpus, [{"rtn": {"bits": 4, "group_size": 32}}]), progress=False)
 
 
 def test_compression_config_records_recipe_modules_and_versions(llama_dir, corpus, tmp_path):

@@ -65,8 +65,6 @@ linear needs no LREC factors to be refined.
 """
 
 import copy
-import functools
-import time
 import warnings
 from dataclasses import dataclass
 from typing import ClassVar
@@ -80,6 +78,7 @@ from compressor.formats import dequantize, group_index
 from compressor.nn import QuantLinear
 from compressor.nn.quant_linear import round_factors
 from compressor.passes.base import LayerPass, ParamError, layer_output
+from compressor.runtime import SLOW_MATMUL, matmul_slowdown
 
 
 @dataclass
@@ -188,41 +187,18 @@ class LRECRefine(LayerPass):
         return {}
 
 
-SLOW_BFLOAT16 = 2.0  # a bfloat16 matmul this many times slower than float32: refine in float32 instead
-
-
 def runs_bfloat16(autocast: str, device: torch.device) -> bool:
     """Whether the refinement's matmuls run in bfloat16: asked for, and not much slower than float32 on `device`
     (otherwise a warning, once, and float32)."""
     if autocast != "bfloat16":
         return False
-    slowdown = bfloat16_slowdown(device.type)
-    if slowdown > SLOW_BFLOAT16:
+    slowdown = matmul_slowdown(torch.bfloat16, device.type)
+    if slowdown > SLOW_MATMUL:
         warnings.warn(f"lrec_refine: autocast: bfloat16 asked for, but this CPU runs bfloat16 matmuls {slowdown:.0f}x "
                       "slower than float32 ones (no native bfloat16 instructions); refining in float32 instead",
                       CompressorWarning, stacklevel=2)
         return False
     return True
-
-
-@functools.cache
-def bfloat16_slowdown(device_type: str) -> float:
-    """How many times longer a [256, 256] x [256, 256] matmul takes in bfloat16 than in float32 on this machine's
-    CPU (best of 3 each); 1.0 for other devices."""
-    if device_type != "cpu":
-        return 1.0
-    a = torch.randn(256, 256)
-
-    def seconds(x: torch.Tensor) -> float:
-        x @ x  # warm-up
-        best = float("inf")
-        for _ in range(3):
-            start = time.perf_counter()
-            x @ x
-            best = min(best, time.perf_counter() - start)
-        return best
-
-    return seconds(a.bfloat16()) / seconds(a)
 
 
 @torch.no_grad()
