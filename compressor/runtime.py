@@ -51,7 +51,7 @@ def warn_if_slow_dtype(model: nn.Module, device: torch.device) -> None:
         name = str(dtype).removeprefix("torch.")
         warnings.warn(f"the model is in {name}, and this CPU runs {name} matmuls {slowdown:.0f}x slower than float32 "
                       "ones (no native instructions for them): `dtype: float32` (recipe) runs far faster here",
-                      CompressorWarning, stacklevel=2)
+                      CompressorWarning, stacklevel=1)  # warned from here: once per process
 
 
 def peak_rss_mb() -> float:

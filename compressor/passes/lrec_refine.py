@@ -196,7 +196,7 @@ def runs_bfloat16(autocast: str, device: torch.device) -> bool:
     if slowdown > SLOW_MATMUL:
         warnings.warn(f"lrec_refine: autocast: bfloat16 asked for, but this CPU runs bfloat16 matmuls {slowdown:.0f}x "
                       "slower than float32 ones (no native bfloat16 instructions); refining in float32 instead",
-                      CompressorWarning, stacklevel=2)
+                      CompressorWarning, stacklevel=1)  # warned from here: once per process
         return False
     return True
 
