@@ -50,9 +50,9 @@ the record says which ran.
 Left out of a recipe, `reference` and `loss` take the model adapter's defaults: `layer` and `total` for
 Llama-family models, `model` and `next_norm` for Gemma-3. Gemma-3-270m, GPTQ W2 + LREC r16, windows=16:
 unrefined 116.119; `total` breaks it (above); `next_norm` fitted layer by layer 294.359, fitted to the
-dense model 62.377 (eval/results/quantization-grid-windows16.md); at ranks 8 / 32 the latter gives
-63.040 / 75.874 against unrefined 104.267 / 65.848, so it does not help every rank. The settings used go
-into the checkpoint's per-module record.
+dense model 62.377 (eval/results/quantization-grid-windows16.md); at rank 32, 75.874 against unrefined
+65.848 before the factors were balanced, 32.001 after. The settings used go into the checkpoint's per-module
+record.
 
 Factors stored as integer codes (`lrec: {factor_bits: 8}` or 4) are trained through their rounding: each
 step's forward uses the factors as storing would round them, the gradient passes straight through to the
