@@ -96,8 +96,9 @@ def evaluate(model: "PreTrainedModel | str", tokenizer: PreTrainedTokenizerBase 
     elif tokenizer is None:
         raise CompressorError("evaluate(model) needs tokenizer=... when given a model object")
     home = next(model.parameters()).device
-    model.to(resolve_device(device))
-    warn_if_slow_dtype(model, next(model.parameters()).device)
+    target = resolve_device(device)
+    model.to(target)
+    warn_if_slow_dtype(model, target)
     try:
         report = perplexity(model, tokenizer, dataset, seqlen, windows, progress=progress)
     finally:
