@@ -78,12 +78,23 @@ def test_refinement_lowers_the_layer_output_error_and_round_trips(llama_dir, cor
     record = model.compression_config["modules"]["model.layers.1.mlp.up_proj"]
     assert [r["pass"] for r in record] == ["gptq", "lrec", "lrec_refine"]
     assert record[2]["relative_error_last"] < 0.9 * record[2]["relative_error_first"]
+    assert record[2]["relative_error_after"] < 0.9 * record[2]["relative_error_before"]
+    assert record[2]["error_windows"] == lrec_refine.CHECK_WINDOWS == 4  # of the recipe's 4 windows
     q = model.model.layers[1].mlp.up_proj
     assert q.lora_a.dtype == torch.float16 and "forward" not in q.__dict__
     ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(compressor.load(out)(input_ids=ids).logits, model(input_ids=ids).logits,
                                    rtol=0, atol=0)
+
+
+def test_refinement_that_moves_nothing_records_the_same_error_before_and_after(llama_dir, corpus):
+    passes = [{"gptq": {"bits": 2, "group_size": 32}}, {"lrec": {"rank": 8}},
+              {"lrec_refine": {"steps": 1, "lr": 1e-12}}]
+    model = compressor.compress(recipe_dict(llama_dir, corpus, passes), progress=False)
+    record = model.compression_config["modules"]["model.layers.1.mlp.up_proj"][-1]
+    assert record["relative_error_before"] > 1e-3  # W2 leaves an error to measure
+    assert record["relative_error_after"] == pytest.approx(record["relative_error_before"], rel=1e-3)
 
 
 def test_refining_against_the_model_matches_the_dense_models_hidden_states(llama_dir, corpus, monkeypatch):

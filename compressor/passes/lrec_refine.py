@@ -52,7 +52,11 @@ Llama-family models, `model` and `next_norm` for Gemma-3. Gemma-3-270m, GPTQ W2 
 unrefined 116.119; `total` breaks it (above); `next_norm` fitted layer by layer 294.359, fitted to the
 dense model 62.377 (eval/results/quantization-grid-windows16.md); at rank 32, 75.874 against unrefined
 65.848 before the factors were balanced, 32.001 after. The settings used go into the checkpoint's per-module
-record.
+record, with the loss before and after the refinement on the first `CHECK_WINDOWS` calibration windows
+(`relative_error_before`, `relative_error_after`: the layer as it was and as stored, each in one forward pass
+per window) and the mean training loss over the first and the last pass through the windows
+(`relative_error_first`, `relative_error_last`; these overlap when there are fewer than twice as many steps as
+windows).
 
 Factors stored as integer codes (`lrec: {factor_bits: 8}` or 4) are trained through their rounding: each
 step's forward uses the factors as storing would round them, the gradient passes straight through to the
@@ -80,6 +84,7 @@ from compressor.nn.quant_linear import round_factors
 from compressor.passes.base import LayerPass, ParamError, layer_output
 from compressor.runtime import SLOW_MATMUL, matmul_slowdown
 
+CHECK_WINDOWS = 4  # the calibration windows on which the record's before / after errors are measured
 
 @dataclass
 class LRECRefine(LayerPass):
@@ -136,12 +141,17 @@ class LRECRefine(LayerPass):
             targets = dense_outputs(layer, hidden, kwargs, device)
         weight = channel_weights(targets) if loss == "channel" else None  # [d] or None
         readout = next_norm(model, adapter, index).to(device) if loss == "next_norm" else nn.Identity()
+        check = hidden[:CHECK_WINDOWS], targets[:CHECK_WINDOWS], kwargs, device, readout, weight
+        before = mean_error(layer, *check)
         factors, scale_factors, losses = self.fit(layer, linears, hidden, targets, kwargs, device, readout, weight)
         store(linears, factors, scale_factors)
+        after = mean_error(layer, *check)
         window = min(len(hidden), len(losses))  # one pass over the windows, at the start and at the end
         record = {"pass": self.name, "steps": self.steps, "lr": self.lr, "scales": self.scales,
                   "reference": reference, "loss": loss,
                   "autocast": "bfloat16" if runs_bfloat16(self.autocast, device) else "none",
+                  "relative_error_before": round(before, 6), "relative_error_after": round(after, 6),
+                  "error_windows": len(check[0]),
                   "relative_error_first": round(sum(losses[:window]) / window, 6),
                   "relative_error_last": round(sum(losses[-window:]) / window, 6)}
         return hidden, {name: dict(record) for name in linears}, None
@@ -240,6 +250,17 @@ def channel_weights(targets: list[torch.Tensor]) -> torch.Tensor:
     mean_square = sum(y.pow(2).flatten(0, -2).sum(0) for y in targets) / sum(y[..., 0].numel() for y in targets)
     weight = 1 / mean_square.clamp(min=1e-6 * mean_square.mean().item())
     return weight / weight.mean()
+
+
+@torch.no_grad()
+def mean_error(layer: nn.Module, hidden: list[torch.Tensor], targets: list[torch.Tensor], kwargs: dict,
+               device: torch.device, readout: nn.Module, weight: torch.Tensor | None) -> float:
+    """The mean over windows of relative_error(readout(layer(hidden[j])), readout(targets[j])), the layer run as
+    it stands (its linears' stored weights and factors), in float32."""
+    errors = [relative_error(readout(layer_output(layer, h.to(device), kwargs).float()),
+                             readout(y.to(device, torch.float32)), weight).item()
+              for h, y in zip(hidden, targets, strict=True)]
+    return sum(errors) / len(errors)
 
 
 def relative_error(output: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
