@@ -26,6 +26,7 @@ def test_saved_checkpoint_reloads_with_identical_logits_and_generates(model_dir,
     assert list(out.glob("*.safetensors")) and not list(out.glob("*.bin"))
 
 
+@pytest.mark.filterwarnings("ignore:the model is in bfloat16")  # on CPUs without bfloat16: tested below
 def test_bfloat16_checkpoint_reloads_with_identical_logits(gemma_dir, corpus, tmp_path):
     """load builds the model in the recipe's dtype as transformers does, RoPE's inverse frequencies in float32."""
     out = tmp_path / "ckpt"
