@@ -86,6 +86,7 @@ from compressor.runtime import SLOW_MATMUL, matmul_slowdown
 
 CHECK_WINDOWS = 4  # the calibration windows on which the record's before / after errors are measured
 
+
 @dataclass
 class LRECRefine(LayerPass):
     """Train the layer's LREC factors (and with `scales`, the group scales) to match the dense layer's outputs."""
