@@ -24,16 +24,7 @@ from compressor.data import calibration_windows, load_documents
 from compressor.engine import compress_model
 from compressor.models import load_model
 from compressor.passes import lrec_refine
-from compressor.passes.base import layer_output
 from compressor.recipe import load_recipe
-
-
-def heldout_error(layer, hidden, targets, kwargs, readout) -> float:
-    """Mean over windows of the next-norm relative error of the layer's output against the dense one."""
-    with torch.no_grad():
-        errors = [lrec_refine.relative_error(readout(layer_output(layer, h, kwargs)), readout(y), None).item()
-                  for h, y in zip(hidden, targets, strict=True)]
-    return sum(errors) / len(errors)
 
 
 def main() -> None:
@@ -68,7 +59,11 @@ def main() -> None:
         train_targets = lrec_refine.dense_outputs(layer, train, kwargs, device)
         held_targets = lrec_refine.dense_outputs(layer, held, kwargs, device)
         readout = lrec_refine.next_norm(model, adapter, index)
-        unrefined = heldout_error(layer, held, held_targets, kwargs, readout)
+
+        def heldout_error() -> float:  # the layer as it stands, on the held-out windows
+            return lrec_refine.mean_error(layer, held, held_targets, kwargs, device, readout, None)
+
+        unrefined = heldout_error()
         for config in args.configs:
             lr, steps, *flags = config.split(":")
             refine = lrec_refine.LRECRefine(steps=int(steps), lr=float(lr), scales="scales" in flags,
@@ -77,7 +72,7 @@ def main() -> None:
 
             def probe(step: int, curve: list = curve) -> None:
                 if step in (5, 20) or step % 50 == 0:
-                    curve.append((step, round(heldout_error(layer, held, held_targets, kwargs, readout), 6)))
+                    curve.append((step, round(heldout_error(), 6)))
 
             began = time.time()
             factors, scale_factors, _ = refine.fit(layer, linears, train, train_targets, kwargs, device, readout,
@@ -85,7 +80,7 @@ def main() -> None:
             seconds = time.time() - began
             with torch.no_grad():  # store as the pass does, measure, then put the starting state back
                 lrec_refine.store(linears, factors, scale_factors)
-                stored = heldout_error(layer, held, held_targets, kwargs, readout)
+                stored = heldout_error()
                 for n, ((a, b), scales) in start.items():
                     linears[n].set_low_rank(a, b)
                     linears[n].scales.copy_(scales)

@@ -170,18 +170,14 @@ class LRECRefine(LayerPass):
         optimizer = torch.optim.Adam([t for pair in factors.values() for t in pair] + list(scale_factors.values()),
                                      lr=self.lr)
         losses = []
-        autocast = torch.autocast(device.type, torch.bfloat16, enabled=runs_bfloat16(self.autocast, device))
+        bfloat16 = runs_bfloat16(self.autocast, device)
         try:
             for name, q in linears.items():
                 q.forward = _quantized_forward(q, factors.get(name), scale_factors.get(name))
             with torch.enable_grad():
                 for step in range(self.steps):
                     j = step % len(hidden)
-                    # the loss in float32: on CUDA, mse_loss's backward refuses a bfloat16 target beside float32
-                    y = targets[j].to(device, torch.float32)
-                    with autocast:
-                        output = layer_output(layer, hidden[j].to(device), kwargs)
-                    loss = relative_error(readout(output.float()), readout(y), weight)
+                    loss = window_error(layer, hidden[j], targets[j], kwargs, device, readout, weight, bfloat16)
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
@@ -253,13 +249,22 @@ def channel_weights(targets: list[torch.Tensor]) -> torch.Tensor:
     return weight / weight.mean()
 
 
+def window_error(layer: nn.Module, hidden: torch.Tensor, target: torch.Tensor, kwargs: dict, device: torch.device,
+                 readout: nn.Module, weight: torch.Tensor | None, bfloat16: bool = False) -> torch.Tensor:
+    """relative_error(readout(layer(hidden)), readout(target)) for one window; with `bfloat16`, the layer's
+    matmuls run under bfloat16 autocast. The loss is taken in float32: on CUDA, mse_loss's backward refuses a
+    bfloat16 target beside float32."""
+    with torch.autocast(device.type, torch.bfloat16, enabled=bfloat16):
+        output = layer_output(layer, hidden.to(device), kwargs)
+    return relative_error(readout(output.float()), readout(target.to(device, torch.float32)), weight)
+
+
 @torch.no_grad()
 def mean_error(layer: nn.Module, hidden: list[torch.Tensor], targets: list[torch.Tensor], kwargs: dict,
                device: torch.device, readout: nn.Module, weight: torch.Tensor | None) -> float:
-    """The mean over windows of relative_error(readout(layer(hidden[j])), readout(targets[j])), the layer run as
-    it stands (its linears' stored weights and factors), in float32."""
-    errors = [relative_error(readout(layer_output(layer, h.to(device), kwargs).float()),
-                             readout(y.to(device, torch.float32)), weight).item()
+    """The mean window_error over the windows, the layer run as it stands (its linears' stored weights and
+    factors), in float32."""
+    errors = [window_error(layer, h, y, kwargs, device, readout, weight).item()
               for h, y in zip(hidden, targets, strict=True)]
     return sum(errors) / len(errors)
 
