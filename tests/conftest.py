@@ -29,8 +29,9 @@ WORDS = ("the of and a to in is was for on as with by he at from his an were are
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level tokenizer: 256 byte tokens plus <s> (id 256) as BOS."""
-    vocab = {c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    """Byte-level tokenizer: 256 byte tokens plus <s> (id 256) as BOS. The alphabet comes as a set, in an order
+    that changes with the process's string hashing: sorted, the ids are the same in every process."""
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     vocab["<s>"] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
