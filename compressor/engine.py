@@ -27,6 +27,7 @@ from compressor.errors import CompressorError
 from compressor.models import Adapter
 from compressor.passes import Pass
 from compressor.passes.base import PRUNED, LayerPass, layer_output, matches
+from compressor.passes.hessian import window_hessian, with_sink_weight
 
 
 class _Stop(Exception):
@@ -280,16 +281,13 @@ def _input_statistic(x: torch.Tensor, kind: str, sink_weight: float = 1.0) -> to
     """One window's statistic of a linear's input x [windows, L, in] (see collect_stats): sum_t x_t^2 in
     float64, its float32 norm squared, or sum_t x_t x_t^T in float32; the first position counts
     `sink_weight` times."""
-    if sink_weight != 1.0:
-        x = torch.cat([x[:, :1] * sink_weight ** 0.5, x[:, 1:]], dim=1)
-    x = x.reshape(-1, x.shape[-1])  # [tokens, in]
+    if kind == "hessian":
+        return window_hessian(x, sink_weight)
+    x = with_sink_weight(x, sink_weight).reshape(-1, x.shape[-1])  # [tokens, in]
     if kind == "input_sq_norms":
         x = x.to(torch.float64)
         return (x * x).sum(dim=0)
-    if kind == "input_sq_norms_running_mean":
-        return torch.norm(x.to(torch.float32).T, p=2, dim=1) ** 2
-    x = x.to(torch.float32)
-    return x.T @ x  # [in, in]
+    return torch.norm(x.to(torch.float32).T, p=2, dim=1) ** 2
 
 
 def _to(value: Any, device: torch.device | str) -> Any:

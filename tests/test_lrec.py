@@ -11,7 +11,8 @@ from compressor.models import adapter_for
 from compressor.nn import QuantLinear
 from compressor.nn.quant_linear import round_factors
 from compressor.passes import lrec_refine
-from compressor.passes.lrec import LREC, fit_integer_factors, output_error, round_with_feedback
+from compressor.passes.hessian import output_error
+from compressor.passes.lrec import LREC, fit_integer_factors, round_with_feedback
 from compressor.passes.quantize import RTN
 from compressor.passes.svd import split_factors, whitened_svd
 

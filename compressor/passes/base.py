@@ -23,6 +23,13 @@ class ParamError(CompressorError):
         self.key = key
 
 
+def check_sink_weight(sink_weight: float) -> None:
+    """`sink_weight`: how many times the first token of each calibration window counts in a statistic."""
+    if not sink_weight > 0:
+        raise ParamError("sink_weight", f"got {sink_weight}; use a positive weight for the first token "
+                                        "of each calibration window (default 1: no extra weight)")
+
+
 def matches(name: str, module: nn.Module, patterns: list[str]) -> bool:
     """True when a pattern names the module: its class name, its full name, or `re:REGEX` (full match)."""
     for pattern in patterns:

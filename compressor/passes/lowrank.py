@@ -21,7 +21,7 @@ from torch import nn
 from compressor.errors import CompressorError
 from compressor.nn import LowRankLinear
 from compressor.passes.base import ParamError, Pass
-from compressor.passes.quantize import check_damp
+from compressor.passes.hessian import check_damp
 from compressor.passes.svd import energy_rank, split_factors, whitened_svd
 
 METHODS = ("activation", "svd")

@@ -36,9 +36,10 @@ import torch
 from compressor.errors import CompressorError
 from compressor.nn import QuantLinear
 from compressor.nn.quant_linear import FACTOR_BITS, low_rank_bits, round_factors
-from compressor.passes.base import ParamError, Pass
-from compressor.passes.quantize import check_damp, check_sink_weight, inverse_hessian_cholesky
+from compressor.passes.base import ParamError, Pass, check_sink_weight
+from compressor.passes.hessian import check_damp, inverse_hessian_cholesky, output_error
 from compressor.passes.svd import split_factors, whitened_svd
+from compressor.passes.sweep import Ahead, sweep_columns
 
 DEFAULT_RANK = 32
 
@@ -48,26 +49,30 @@ def rank_bits(in_features: int, out_features: int, factor_bits: int = 16) -> flo
     return low_rank_bits(in_features, out_features, 1, factor_bits) / (in_features * out_features)
 
 
-def output_error(error: torch.Tensor, hessian: torch.Tensor) -> float:
-    """||X error^T||_F^2 = tr(error H error^T) for error [out, in] and H = X^T X [in, in], in float64."""
-    e = error.double()
-    return (e @ hessian.double() * e).sum().item()
+class FactorRounding:
+    """LREC's column rule: round each column to the grid scale * {-top, ..., top} (scale [rows, n])."""
+
+    def __init__(self, scale: torch.Tensor, top: int):
+        self.scale, self.top = scale, top
+
+    def begin_block(self, start: int, block: torch.Tensor, hinv_block: torch.Tensor) -> None:
+        pass
+
+    def column(self, index: int, ahead: Ahead) -> torch.Tensor:
+        scale = self.scale[:, index]
+        return (ahead.columns(1)[:, 0] / scale).round().clamp(-self.top, self.top) * scale
 
 
 def round_with_feedback(w: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, top: int, damp: float
                         ) -> torch.Tensor:
     """w [rows, n] rounded to the grid scale * {-top, ..., top} (scale broadcasts to [rows, n]) column by
     column, each column's rounding error spread over the columns not yet rounded through the inverse of
-    hessian [n, n], as GPTQ does: minimises sum over rows of (w - w') H (w - w')^T better than rounding alone."""
+    hessian [n, n], as GPTQ does (one block: sweep_columns): minimises sum over rows of (w - w') H (w - w')^T
+    better than rounding alone."""
     W = w.clone().float()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale)).expand_as(W).float()
     Hinv = inverse_hessian_cholesky(hessian.float(), damp)  # [n, n] upper
-    for i in range(W.shape[1]):
-        rounded = (W[:, i] / scale[:, i]).round().clamp(-top, top) * scale[:, i]
-        err = (W[:, i] - rounded) / Hinv[i, i]
-        W[:, i + 1:] -= err[:, None] * Hinv[i, i + 1:][None, :]
-        W[:, i] = rounded
-    return W
+    return sweep_columns(W, Hinv, FactorRounding(scale, top), block_size=W.shape[1])
 
 
 def fit_integer_factors(a: torch.Tensor, b: torch.Tensor, error: torch.Tensor, hessian: torch.Tensor | None,

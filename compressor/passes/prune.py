@@ -14,8 +14,9 @@ from torch import nn
 
 from compressor.errors import CompressorError
 from compressor.nn import SparseLinear
-from compressor.passes.base import PRUNED, ParamError, Pass
-from compressor.passes.quantize import check_damp, check_sink_weight, inverse_hessian_cholesky
+from compressor.passes.base import PRUNED, ParamError, Pass, check_sink_weight
+from compressor.passes.hessian import check_damp, inverse_hessian_cholesky, without_dead_inputs
+from compressor.passes.sweep import Ahead, sweep_columns
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -135,43 +136,40 @@ class Wanda(_Prune):
         return weight.abs() * stats.to(weight.device).float().sqrt()[None, :]
 
 
+class OBSPruning:
+    """SparseGPT's column rule: choose which weights to prune by the OBS saliency w^2 / [H^-1]_jj^2 (with
+    H^-1's running Cholesky rows), zero them, keep the others (which the sweep then updates).
+    Unstructured: the floor(s * width * out) least salient weights of each block of columns, chosen when the
+    block starts; N:M: the N most salient of every M consecutive weights of each row, chosen from the updated
+    weights when the sweep reaches the group."""
+
+    def __init__(self, out_features: int, sparsity: float, nm: tuple[int, int] | None):
+        self.out_features, self.sparsity, self.nm = out_features, sparsity, nm
+
+    def begin_block(self, start: int, block: torch.Tensor, hinv_block: torch.Tensor) -> None:
+        self.start, self.hinv_diag = start, torch.diag(hinv_block)
+        self.prune = torch.zeros_like(block, dtype=torch.bool)  # [out, width]
+        if self.nm is None:
+            saliency = block**2 / self.hinv_diag[None, :] ** 2
+            self.prune.view(-1)[torch.argsort(saliency.flatten())[:int(block.numel() * self.sparsity)]] = True
+
+    def column(self, index: int, ahead: Ahead) -> torch.Tensor:
+        i = index - self.start
+        if self.nm is not None and i % self.nm[1] == 0:  # choose the group's mask from the updated weights
+            n, m = self.nm
+            group = ahead.columns(m) ** 2 / self.hinv_diag[i:i + m][None, :] ** 2
+            self.prune[:, i:i + m] = ~nm_keep_mask(group, n, m)
+        w = ahead.columns(1)[:, 0]
+        return torch.where(self.prune[:, i], 0.0, w)
+
+
 def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, nm: tuple[int, int] | None,
               damp: float = 0.01, block_size: int = 128) -> torch.Tensor:
     """SparseGPT (Frantar & Alistarh, 2023): prune column by column, moving the columns not yet
-    visited to absorb each pruned weight's error through the inverse Hessian H = X^T X.
-
-    The mask is chosen by the OBS saliency w^2 / [H^-1]_jj (with H^-1's running Cholesky rows):
-    unstructured, the floor(s * block_size * out) least salient weights of each block of columns;
-    N:M, the N most salient of every M consecutive weights of each row. weight [out, in] -> pruned.
-    """
-    W = weight.clone().float()
-    out_features, in_features = W.shape
-    H = hessian.clone().float()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    Hinv = inverse_hessian_cholesky(H, damp)
-    for i1 in range(0, in_features, block_size):
-        i2 = min(i1 + block_size, in_features)
-        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
-        Err1 = torch.zeros_like(W1)
-        prune = torch.zeros_like(W1, dtype=torch.bool)
-        if nm is None:
-            saliency = W1**2 / torch.diag(Hinv1)[None, :] ** 2
-            prune.view(-1)[torch.argsort(saliency.flatten())[:int(W1.numel() * sparsity)]] = True
-        for i in range(i2 - i1):
-            if nm is not None and i % nm[1] == 0:  # choose the group's mask from the updated weights
-                group = W1[:, i:i + nm[1]] ** 2 / torch.diag(Hinv1)[i:i + nm[1]][None, :] ** 2
-                prune[:, i:i + nm[1]] = ~nm_keep_mask(group, nm[0], nm[1])
-            w, d = W1[:, i], Hinv1[i, i]
-            q = torch.where(prune[:, i], 0.0, w)
-            err = (w - q) / d
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            W1[:, i] = q
-            Err1[:, i] = err
-        W[:, i1:i2] = W1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return W
+    visited to absorb each pruned weight's error through the inverse Hessian H = X^T X (sweep_columns,
+    with OBSPruning choosing the mask). weight [out, in] -> pruned weight [out, in], float32."""
+    W, H = without_dead_inputs(weight, hessian)
+    return sweep_columns(W, inverse_hessian_cholesky(H, damp), OBSPruning(W.shape[0], sparsity, nm), block_size)
 
 
 @dataclass

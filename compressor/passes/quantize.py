@@ -18,7 +18,9 @@ from torch import nn
 from compressor.errors import CompressorError
 from compressor.formats import SUPPORTED_BITS, pack
 from compressor.nn import QuantLinear
-from compressor.passes.base import PRUNED, ParamError, Pass
+from compressor.passes.base import PRUNED, ParamError, Pass, check_sink_weight
+from compressor.passes.hessian import check_damp, inverse_hessian_cholesky, without_dead_inputs
+from compressor.passes.sweep import Ahead, sweep_columns
 
 SCALE_DTYPE = torch.float16
 
@@ -84,84 +86,62 @@ def rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip_
     return codes, torch.stack(scales, 1), torch.stack(zeros, 1)
 
 
-def check_damp(damp: float) -> None:
-    """`damp` adds damp * mean(diag H) to H's diagonal (GPTQ, SparseGPT, LREC)."""
-    if not 0 <= damp < 1:
-        raise ParamError("damp", f"got {damp}; allowed: a fraction of mean(diag H) in [0, 1), e.g. 0.01")
+class GridRounding:
+    """GPTQ's column rule: round each column to its group's grid, leave the weights in `pruned` at zero.
+    With static groups the grids [out, groups] are given up front; otherwise each group's grid is set from the
+    error-updated weights when the sweep reaches the group's first column. `codes` [out, in] collects the codes."""
 
+    def __init__(self, scales: torch.Tensor, zeros: torch.Tensor, perm: torch.Tensor, pruned: torch.Tensor,
+                 bits: int, group_size: int, symmetric: bool, clip_search: bool, static_groups: bool):
+        self.scales, self.zeros, self.perm, self.pruned = scales, zeros, perm, pruned
+        self.bits, self.group_size, self.symmetric, self.clip_search = bits, group_size, symmetric, clip_search
+        self.static_groups = static_groups
+        self.codes = torch.zeros_like(pruned, dtype=torch.float32)
 
-def check_sink_weight(sink_weight: float) -> None:
-    """`sink_weight`: how many times the first token of each calibration window counts (GPTQ, LREC, SparseGPT,
-    Wanda)."""
-    if not sink_weight > 0:
-        raise ParamError("sink_weight", f"got {sink_weight}; use a positive weight for the first token "
-                                        "of each calibration window (default 1: no extra weight)")
+    def begin_block(self, start: int, block: torch.Tensor, hinv_block: torch.Tensor) -> None:
+        pass
 
-
-def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1: row i, divided by its diagonal entry,
-    is how the columns after i must move to absorb an error in column i (GPTQ, SparseGPT)."""
-    H = H + damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], device=H.device)
-    try:
-        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    except torch.linalg.LinAlgError:
-        raise CompressorError("the Hessian is not positive definite even after damping; "
-                              "raise `damp` (e.g. 0.1) or use more calibration samples") from None
+    def column(self, index: int, ahead: Ahead) -> torch.Tensor:
+        col = int(self.perm[index])
+        g = col // self.group_size
+        scale, zero = self.scales[:, g], self.zeros[:, g]
+        if not self.static_groups and col % self.group_size == 0:  # group starts: grid from the updated weights
+            scale[:], zero[:] = grid(ahead.columns(self.group_size), self.bits, self.symmetric, self.clip_search)
+        w = ahead.columns(1)[:, 0]
+        q = torch.where(self.pruned[:, index], zero, to_codes(w, scale, zero, self.bits))
+        self.codes[:, index] = q
+        return (q - zero) * scale
 
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, symmetric: bool,
          damp: float = 0.01, block_size: int = 128, act_order: bool = False, clip_search: bool = False,
          pruned: torch.Tensor | None = None):
     """GPTQ: quantize columns one at a time, spreading each column's error over the columns not yet
-    quantized through the inverse Hessian H = X^T X of the layer's calibration inputs.
+    quantized through the inverse Hessian H = X^T X of the layer's calibration inputs (sweep_columns).
 
     weight [out, in], hessian [in, in] (float32 sums; the scale of H does not matter).
     With act_order, columns go in order of decreasing H_jj; group grids are then fixed from the
     original weights up front ("static groups"), so codes stay in the original column order and
     the runtime needs no permutation. `pruned` [out, in] (bool): weights an earlier pass pruned, which
-    stay zero. Other weights that happen to be zero are quantized and updated like any other (a model
-    dequantized from GGUF has many: 6% of Gemma-3-270m's q_proj weights; eval/results/gptq-w4-rounding-spread.md).
+    stay zero. Other weights that happen to be zero are quantized and updated like any other.
     Returns codes [out, in], scales and zeros [out, groups].
     """
-    W = weight.clone().float()
-    pruned = torch.zeros_like(W, dtype=torch.bool) if pruned is None else pruned.clone()
-    H = hessian.clone().float()
+    W, H = without_dead_inputs(weight, hessian)
+    pruned = torch.zeros_like(W, dtype=torch.bool) if pruned is None else pruned
     out_features, in_features = W.shape
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
     n_groups = -(-in_features // group_size)
     scales = torch.zeros(out_features, n_groups, device=W.device)
     zeros = torch.zeros_like(scales)
     if act_order:
         for g in range(n_groups):
-            scales[:, g], zeros[:, g] = grid(W[:, g * group_size:(g + 1) * group_size], bits, symmetric,
-                                                clip_search)
+            scales[:, g], zeros[:, g] = grid(W[:, g * group_size:(g + 1) * group_size], bits, symmetric, clip_search)
         perm = torch.argsort(torch.diag(H), descending=True)
     else:
         perm = torch.arange(in_features, device=W.device)
     W, H, pruned = W[:, perm], H[perm][:, perm], pruned[:, perm]
-    Hinv = inverse_hessian_cholesky(H, damp)
-    codes = torch.zeros_like(W)
-    for i1 in range(0, in_features, block_size):
-        i2 = min(i1 + block_size, in_features)
-        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
-        Err1 = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            col = int(perm[i1 + i])
-            g = col // group_size
-            if not act_order and col % group_size == 0:  # group starts: grid from the error-updated weights
-                ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group_size]
-                scales[:, g], zeros[:, g] = grid(ahead, bits, symmetric, clip_search)
-            w, d = W1[:, i], Hinv1[i, i]
-            q = torch.where(pruned[:, i1 + i], zeros[:, g], to_codes(w, scales[:, g], zeros[:, g], bits))
-            codes[:, i1 + i] = q
-            err = (w - (q - zeros[:, g]) * scales[:, g]) / d
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    codes = codes[:, torch.argsort(perm)]
-    return codes, scales, zeros
+    rule = GridRounding(scales, zeros, perm, pruned, bits, group_size, symmetric, clip_search, act_order)
+    sweep_columns(W, inverse_hessian_cholesky(H, damp), rule, block_size)
+    return rule.codes[:, torch.argsort(perm)], scales, zeros
 
 
 @dataclass
