@@ -14,12 +14,11 @@ import sys
 from pathlib import Path
 
 import torch
+from shapes import SHAPES, random_quant_linear
 
 from compressor import kernels
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from tests.test_kernels_gpu import SHAPES, random_quant_linear  # noqa: E402  (shapes shared with the tests)
 
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 2048]
 

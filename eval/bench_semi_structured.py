@@ -7,20 +7,15 @@ Writes eval/results/semi-structured-<device>.md/.json.
     python eval/bench_semi_structured.py
 """
 
-import sys
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
+from bench_kernels import fmt, graph_ms, time_ms, write_results
+from shapes import SHAPES
 from torch import nn
 from torch.sparse import SparseSemiStructuredTensorCUSPARSELT
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from compressor.nn import SparseLinear  # noqa: E402
-from compressor.passes.prune import nm_keep_mask  # noqa: E402
-from eval.bench_kernels import fmt, graph_ms, time_ms, write_results  # noqa: E402
-from tests.test_kernels_gpu import SHAPES  # noqa: E402  (shapes shared with the kernel benchmark)
+from compressor.nn import SparseLinear
+from compressor.passes.prune import nm_keep_mask
 
 MS = [1, 16, 128, 512, 2048]
 

@@ -11,7 +11,7 @@ Calibration: the same wikileads-calib-v1 windows (64 x 2048, seed 0) that eval/r
 passes. Every decoder linear is targeted, the head is not (as in our suites); GPTQ is symmetric int
 with llm-compressor's default static act-order unless the method says otherwise. The perplexity is
 measured on the model in memory right after `oneshot` (llm-compressor's sparse checkpoints do not
-re-load through transformers here; see shared/anchors.md), with fake-quantized weights for GPTQ.
+re-load through the peer's transformers), with fake-quantized weights for GPTQ.
 Writes eval/results/peer-llmcompressor.json/.md.
 
 When this venv's transformers converts a GGUF differently from ours (Gemma-3's tokenizer under 5.17),
@@ -26,8 +26,8 @@ is enough to flip Wanda 2:4's near-ties (eval/results/wanda-tie-sensitivity.md),
 of the peer's result; the row's calibration says "reversed". `--shuffle SEED` feeds them in a seeded random
 order instead (further draws; the row says "shuffled, seed SEED").
 
-Peak memory of a Gemma-3 run: 9.4 GB (GPTQ W4, while it evaluates: the 262k-token vocabulary's logits).
-Before perplexity() turned autograd off, evals reached 13-14 GB and two runs side by side were OOM-killed.
+Peak memory of a Gemma-3 run: 9.4 GB (GPTQ W4, while it evaluates: the 262k-token vocabulary's logits;
+perplexity() runs without autograd, which would take it to 13-14 GB).
 """
 
 import argparse

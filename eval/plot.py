@@ -29,14 +29,14 @@ def family(method: str) -> str:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("suite")
+    args = parser.parse_args()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("suite")
-    args = parser.parse_args()
     stem = ROOT / "eval" / "results" / args.suite
     rows = json.loads(stem.with_suffix(".json").read_text())["rows"]
     models = sorted({r["model"] for r in rows})

@@ -10,8 +10,8 @@ checkpoint (so the perplexity is that of the re-loaded checkpoint).
 
 Writes eval/results/SUITE[-windowsN].json and .md after every job; two runs of one suite (two queues,
 one per core) may share the file, as each re-reads it before adding a row. A row records the commit that
-compressed it (`commit`, "+modified" when compressor/ had uncommitted changes), so rows measured before a
-change to a pass can be told apart. `kill` of a queue (SIGTERM) also stops the job it is running; the work
+compressed it (`commit`, "+modified" when compressor/ had uncommitted changes) and the machine's load
+while it ran. `kill` of a queue (SIGTERM) also stops the job it is running; the work
 folder is kept, as after a failure.
 """
 
@@ -32,7 +32,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["bundled:smollm2-135m", "bundled:gemma-3-270m"]
-# Calibration as in shared/anchors.md's peer runs: 64 windows of 2048 tokens, seed 0.
+# Calibration, the same for the peer's runs (eval/peer.py): 64 windows of 2048 tokens, seed 0.
 CALIBRATION = {"dataset": "bundled:wikileads", "samples": 64, "seqlen": 2048, "seed": 0}
 GROUP = "group size of the model"
 GROUP_SIZE = {"bundled:smollm2-135m": 64, "bundled:gemma-3-270m": 128}  # 576 = 9 x 64, 640 = 5 x 128
@@ -57,7 +57,7 @@ SUITES = {
         "GPTQ W2 g64": [{"gptq": {"bits": 2, "group_size": 64}}],
         "GPTQ W2 g64 + LREC r32": [{"gptq": {"bits": 2, "group_size": 64}}, {"lrec": {"rank": 32}}],
         # GPTQ's sink_weight and clip_search set explicitly (eval/results/gptq-sink-weight.md,
-        # eval/results/clip-search-windows4.md); measured before clip_search became GPTQ's default
+        # eval/results/clip-search-windows4.md)
         "GPTQ W4 g64, sink weight 1, no clip search": [
             {"gptq": {"bits": 4, "group_size": 64, "act_order": False, "sink_weight": 1, "clip_search": False}}],
         "GPTQ W4 g64 act-order, sink weight 1, no clip search": [
@@ -87,7 +87,7 @@ SUITES = {
             {"lrec_refine": {"steps": 100, "reference": reference, "loss": "next_norm"}}]
         for bits in (2, 3) for rank in (8, 16, 32, 64)
         for against, reference in (("", "layer"), (" against the dense model", "model"))
-    } | {  # measured before clip_search became GPTQ's default (eval/results/gptq-sink-weight.md)
+    } | {  # the sink weight without clip search (eval/results/gptq-sink-weight.md)
         f"GPTQ W{bits}, sink weight {weight}, no clip search": [
             {"gptq": {"bits": bits, "group_size": GROUP, "sink_weight": weight, "clip_search": False}}]
         for bits in (3, 2) for weight in (1, 64)
@@ -114,7 +114,7 @@ SUITES = {
             {"gptq": {"bits": 2, "group_size": GROUP}}, {"lrec": {"rank": 16}},
             {"lrec_refine": {"steps": 100, "reference": "model"}}],
     } | {  # each residual channel's error relative to its scale (lrec_refine's `loss: channel`); `reference: layer`
-        # spelled out here and below where Gemma rows were measured while it was every model's default
+        # spelled out here and below, where it is not Gemma's default
         "GPTQ W2 + LREC r16 refined, channel loss": [
             {"gptq": {"bits": 2, "group_size": GROUP}}, {"lrec": {"rank": 16}},
             {"lrec_refine": {"steps": 100, "reference": "layer", "loss": "channel"}}],
@@ -139,21 +139,21 @@ SUITES = {
             {"gptq": {"bits": 2, "group_size": GROUP}}, {"lrec": {"extra_bits": 1.0, "factor_bits": 8}},
             {"lrec_refine": {"steps": 100, "loss": "next_norm", "reference": "model", "autocast": autocast}}]
         for label, autocast in (("", "none"), (", bfloat16", "bfloat16"))
-    } | {  # GPTQ before b03baa4: a pruning pass that prunes nothing marks the linears, so GPTQ keeps their exact
-        # zeros (a GGUF's) at zero (eval/results/gptq-w4-rounding-spread.md)
+    } | {  # a pruning pass that prunes nothing marks the linears, so GPTQ keeps their exact zeros (a GGUF's) at
+        # zero, as `keep_zeros: true` does (eval/results/gptq-w4-rounding-spread.md)
         f"GPTQ W{bits}, exact zeros frozen": [
             {"magnitude": {"sparsity": 0.0}}, {"gptq": {"bits": bits, "group_size": GROUP}}]
         for bits in (3, 2)
-    } | {  # the refinement also training the group scales (eval/results/w2-lrec-windows4.md, session 11)
+    } | {  # the refinement also training the group scales (eval/results/w2-lrec-windows4.md)
         "GPTQ W2 asymmetric + LREC 1.0 extra bits, alternate 4 refined with scales": [
             {"gptq": {"bits": 2, "group_size": GROUP, "symmetric": False}},
             {"lrec": {"extra_bits": 1.0, "alternate": 4}}, {"lrec_refine": {"steps": 100, "scales": True}}],
     },
     "pruning": {"dense": None} | {
         f"magnitude {label}": [{"magnitude": setting}] for label, setting in SPARSITIES
-    } | {  # the float64 sum of the input norms, Wanda's default until session 44
+    } | {  # the input norms summed over every token in float64 (`norms: sum`)
         f"wanda {label}": [{"wanda": {**setting, "norms": "sum"}}] for label, setting in SPARSITIES
-    } | {  # the first token of each calibration window counted 64 times (the default since session 21) or once
+    } | {  # the first token of each calibration window counted 64 times (the default) or once
         f"sparsegpt {label}, sink weight {weight}": [{"sparsegpt": {**setting, "sink_weight": weight}}]
         for weight in (1, 64) for label, setting in SPARSITIES
     } | {  # the input norms summed as llm-compressor sums them, the default (eval/results/wanda-tie-sensitivity.md)
@@ -188,58 +188,6 @@ def calibration_ids(tokenizer, samples: int = CALIBRATION["samples"], reverse: b
     if shuffle is not None:
         ids = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(shuffle))]
     return ids
-
-
-def dense_layers(loaded, windows: int, indices: list[int]):
-    """Yield (index, layer, inputs, kwargs) for the decoder layers in `indices` of the dense model: each
-    layer's inputs on `windows` calibration windows, carried through the layers before it unchanged."""
-    import torch
-
-    from compressor.engine import capture_layer_inputs, run_layer
-
-    hidden, kwargs = capture_layer_inputs(loaded.model, loaded.adapter, calibration_ids(loaded.tokenizer, windows))
-    for i, layer in enumerate(loaded.adapter.decoder_layers(loaded.model)[:max(indices) + 1]):
-        if i in indices:
-            yield i, layer, hidden, kwargs[i]
-        if i < max(indices):
-            hidden = [run_layer(layer, h, kwargs[i], torch.device("cpu")) for h in hidden]
-
-
-def layer_hessians(layer, names: list[str], hidden: list, kwargs: dict) -> dict:
-    """sum_t x_t x_t^T [in, in] (float32) of each named linear's inputs, from the engine's statistics pass."""
-    import torch
-
-    from compressor.engine import collect_stats
-
-    linears = {name: layer.get_submodule(name) for name in names}
-    return collect_stats(layer, linears, hidden, kwargs, "hessian", torch.device("cpu"))
-
-
-def dense_linears(loaded, windows: int, indices: list[int], names: list[str]):
-    """Yield (layer index, linear name, weight [out, in] float32, Hessian [in, in]) for the named linears of the
-    dense model's decoder layers in `indices` (dense_layers' inputs, layer_hessians' statistics)."""
-    for i, layer, hidden, kwargs in dense_layers(loaded, windows, indices):
-        hessians = layer_hessians(layer, names, hidden, kwargs)
-        for name in names:
-            yield i, name, layer.get_submodule(name).weight.data.float(), hessians[name]
-
-
-def gptq_weight(weight, hessian, bits: int, group_size: int, **options):
-    """Our symmetric GPTQ's quantized weight [out, in] (float32), as the checkpoint's packed codes dequantize;
-    `options` are gptq()'s keyword arguments (act_order, clip_search, pruned, ...)."""
-    from compressor.formats import dequantize, pack
-    from compressor.passes.quantize import gptq
-
-    codes, scales, zeros = gptq(weight, hessian, bits, group_size, True, **options)
-    return dequantize(pack(codes.long(), bits), scales, zeros, bits, group_size, weight.shape[1])
-
-
-def pruned_masks(loaded) -> list[dict]:
-    """Which weights are zero, for every linear of every decoder layer (by the linear's name in its layer)."""
-    import torch
-
-    return [{name: m.weight == 0 for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-            for layer in loaded.adapter.decoder_layers(loaded.model)]
 
 
 def resolved(passes: list | None, model: str) -> list | None:
@@ -361,7 +309,7 @@ def _run_job(model: str, method: str, passes: list | None, windows: int | None, 
         report = json.loads(report_path.read_text())
         row.update(compress_wall_s=report["compress_wall_s"],
                    compress_peak_rss_mb=report["compress_memory"]["peak_rss_mb"])
-        if report.get("commit"):  # the code that compressed (reports kept from before this field have none)
+        if report.get("commit"):  # the code that compressed (older reports have none)
             row["commit"] = report["commit"]
         target = recipe["output"]
     eval_path = work / "eval.json"
