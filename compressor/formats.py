@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+FACTOR_BITS = (16, 8, 4)  # LREC factors: in the scales' dtype, or int8 / int4 codes with a float32 scale per rank
 
 
 def packed_words(in_features: int, bits: int) -> int:
@@ -85,3 +86,13 @@ def bits_per_weight(out_features: int, in_features: int, bits: int, group_size: 
     n_groups = math.ceil(in_features / group_size)
     total = out_features * (packed_words(in_features, bits) * 32 + n_groups * (scale_bits + 8))
     return total / (out_features * in_features)
+
+
+def low_rank_bits(in_features: int, out_features: int, rank: int, factor_bits: int) -> int:
+    """Storage bits of rank-r factors A [in, r], B [r, out]; integer factors add two float32 scales per rank,
+    and int4 factors fill whole int32 words (a rank's column of A and row of B are packed separately)."""
+    if factor_bits == 4:
+        entries = (packed_words(in_features, 4) + packed_words(out_features, 4)) * 32
+    else:
+        entries = (in_features + out_features) * factor_bits
+    return rank * (entries + (64 if factor_bits < 16 else 0))

@@ -10,6 +10,7 @@ import torch
 from compressor import kernels
 from compressor.formats import pack
 from compressor.nn import QuantLinear
+from compressor.passes.factors import store_factors
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -28,7 +29,7 @@ def random_quant_linear(K, N, bits, group_size, symmetric, dtype, rank=0):
     zeros = torch.randint(0, 2**bits, q.zeros.shape, generator=g) if not symmetric else 2 ** (bits - 1)
     q.zeros.copy_(torch.as_tensor(zeros, dtype=torch.uint8).expand_as(q.zeros))
     if rank:
-        q.set_low_rank(torch.randn(K, rank, generator=g) * 0.01, torch.randn(rank, N, generator=g) * 0.01)
+        store_factors(q, torch.randn(K, rank, generator=g) * 0.01, torch.randn(rank, N, generator=g) * 0.01)
     return q.cuda()
 
 

@@ -9,8 +9,8 @@ import compressor
 from compressor.errors import CompressorError, CompressorWarning
 from compressor.models import adapter_for
 from compressor.nn import QuantLinear
-from compressor.nn.quant_linear import round_factors
 from compressor.passes import lrec_refine
+from compressor.passes.factors import round_factors, store_factors
 from compressor.passes.hessian import output_error
 from compressor.passes.lrec import LREC, fit_integer_factors, round_with_feedback
 from compressor.passes.quantize import RTN
@@ -336,7 +336,7 @@ def test_int8_factor_layout():
     q = QuantLinear(6, 4, bits=2, group_size=6)
     a = torch.tensor([[1.0, 0.0], [-2.0, 0.0], [0.5, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])  # [in 6, rank 2]
     b = torch.tensor([[8.0, -4.0, 2.0, 0.0], [0.0, 0.0, 0.0, 0.0]])  # [rank 2, out 4]
-    q.set_low_rank(a, b, factor_bits=8)
+    store_factors(q, a, b, factor_bits=8)
     # rank 0 balanced to max |a| = max |b| = 4 (a x 2, b / 2), both codes then scaled by 4 / 127
     assert q.lora_a[:, 0].tolist() == [64, -127, 32, 0, 0, 0] and q.lora_b[0].tolist() == [127, -64, 32, 0]
     assert q.lora_a_scale[0].item() == pytest.approx(4 / 127) and q.lora_b_scale[0].item() == pytest.approx(4 / 127)
@@ -351,7 +351,7 @@ def test_int4_factor_layout():
     q = QuantLinear(6, 4, bits=2, group_size=6)
     a = torch.tensor([[1.2, 0.0], [-2.0, 0.0], [0.5, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])  # [in 6, rank 2]
     b = torch.tensor([[8.0, -5.0, 2.0, 0.0], [0.0, 0.0, 0.0, 0.0]])  # [rank 2, out 4]
-    q.set_low_rank(a, b, factor_bits=4)
+    store_factors(q, a, b, factor_bits=4)
     # rank 0 balanced to max |a| = max |b| = 4 (a x 2, b / 2), then codes in [-7, 7] of scale 4 / 7:
     # A's column 2.4, -4, 1 -> 4, -7, 2; B's row 4, -2.5, 1 -> 7, -4, 2; stored as code + 8, 4 bits each, code j at
     # bit 4 j of one int32 word per rank (A^T's row: 6 codes, B's row: 4 codes; padding bits zero)
@@ -410,7 +410,7 @@ def test_refinement_trains_integer_factors_as_they_are_stored():
     trained = lrec_refine._quantized_forward(q, (a, b), None)(x)
     trained.pow(2).sum().backward()
     assert a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0  # straight through the rounding
-    q.set_low_rank(a.detach(), b.detach())
+    store_factors(q, a.detach(), b.detach())
     with torch.no_grad():
         torch.testing.assert_close(trained.detach(), q(x), rtol=0, atol=1e-5)
         assert not torch.allclose(trained, F.linear(x, q.weight_dequantized()) + x @ a @ b, atol=1e-3)

@@ -4,45 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.formats import bits_per_weight, dequantize, pack, packed_words, unpack
-
-FACTOR_BITS = (16, 8, 4)  # LREC factors: in the scales' dtype, or int8 / int4 codes with a float32 scale per rank
-
-
-def low_rank_bits(in_features: int, out_features: int, rank: int, factor_bits: int) -> int:
-    """Storage bits of rank-r factors A [in, r], B [r, out]; integer factors add two float32 scales per rank,
-    and int4 factors fill whole int32 words (a rank's column of A and row of B are packed separately)."""
-    if factor_bits == 4:
-        entries = (packed_words(in_features, 4) + packed_words(out_features, 4)) * 32
-    else:
-        entries = (in_features + out_features) * factor_bits
-    return rank * (entries + (64 if factor_bits < 16 else 0))
-
-
-def factor_codes(t: torch.Tensor, dim: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric codes of t in [-(2^(bits-1) - 1), 2^(bits-1) - 1] (int8) with one float32 scale per slice
-    along `dim` (max |t| -> the largest code)."""
-    top = 2 ** (bits - 1) - 1
-    scale = t.abs().amax(dim=dim).float() / top
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    shape = (1, -1) if dim == 0 else (-1, 1)
-    return (t.float() / scale.view(shape)).round().clamp(-top, top).to(torch.int8), scale
-
-
-def quantize_factors(a: torch.Tensor, b: torch.Tensor, bits: int
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes and per-rank scales of A [in, r] (codes [in, r], scales [r]) and B [r, out] (codes [r, out],
-    scales [r]). (A c) (B / c) = A B: first give each rank's column of A and row of B the same max |.|, so
-    both codes use their range and neither scale is tiny."""
-    peak_a, peak_b = a.abs().amax(0).float(), b.abs().amax(1).float()
-    c = torch.where((peak_a > 0) & (peak_b > 0), (peak_b / peak_a.clamp_min(1e-30)).sqrt(), torch.ones_like(peak_a))
-    return *factor_codes(a.float() * c, 0, bits), *factor_codes(b.float() / c[:, None], 1, bits)
-
-
-def round_factors(a: torch.Tensor, b: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The float32 factors that storing A, B as `bits`-bit codes keeps (QuantLinear.set_low_rank)."""
-    codes_a, scale_a, codes_b, scale_b = quantize_factors(a, b, bits)
-    return codes_a.float() * scale_a[None, :], codes_b.float() * scale_b[:, None]
+from compressor.formats import bits_per_weight, dequantize, low_rank_bits, packed_words, unpack
 
 
 class QuantLinear(nn.Module):
@@ -65,26 +27,34 @@ class QuantLinear(nn.Module):
         self.register_buffer("zeros", torch.zeros(out_features, n_groups, dtype=torch.uint8))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
         self.rank, self.factor_bits = 0, factor_bits
-        if rank:
-            self.set_low_rank(torch.zeros(in_features, rank), torch.zeros(rank, out_features))
+        if rank:  # empty factors of the stored shapes and dtypes, which loading fills
+            self.set_factors(*self._empty_factors(rank, factor_bits), factor_bits=factor_bits)
 
-    def set_low_rank(self, a: torch.Tensor, b: torch.Tensor, factor_bits: int | None = None) -> None:
-        """Attach (or replace) error-correcting factors a [in, rank], b [rank, out], stored in `factor_bits`
-        (16, 8 or 4; by default as this module's factors already are)."""
-        self.rank, self.factor_bits = a.shape[1], factor_bits or self.factor_bits
-        if self.factor_bits == 16:
-            self.register_buffer("lora_a", a.to(self.scales.dtype).contiguous())
-            self.register_buffer("lora_b", b.to(self.scales.dtype).contiguous())
-            for name in ("lora_a_scale", "lora_b_scale"):
+    def _empty_factors(self, rank: int, factor_bits: int) -> list[torch.Tensor]:
+        if factor_bits == 16:
+            return [torch.zeros(self.in_features, rank, dtype=self.scales.dtype),
+                    torch.zeros(rank, self.out_features, dtype=self.scales.dtype)]
+        if factor_bits == 8:
+            codes = [torch.zeros(self.in_features, rank, dtype=torch.int8),
+                     torch.zeros(rank, self.out_features, dtype=torch.int8)]
+        else:
+            codes = [torch.zeros(rank, packed_words(self.in_features, 4), dtype=torch.int32),
+                     torch.zeros(rank, packed_words(self.out_features, 4), dtype=torch.int32)]
+        return codes + [torch.ones(rank), torch.ones(rank)]
+
+    def set_factors(self, lora_a: torch.Tensor, lora_b: torch.Tensor, lora_a_scale: torch.Tensor | None = None,
+                    lora_b_scale: torch.Tensor | None = None, factor_bits: int = 16) -> None:
+        """Attach (or replace) stored LREC factors: float16/bfloat16 A [in, rank] and B [rank, out], or their
+        codes and per-rank scales (the class docstring; compressor/passes/factors.py makes them)."""
+        self.rank = lora_a.shape[0] if factor_bits == 4 else lora_a.shape[1]
+        self.factor_bits = factor_bits
+        self.register_buffer("lora_a", lora_a.contiguous())
+        self.register_buffer("lora_b", lora_b.contiguous())
+        for name, scale in (("lora_a_scale", lora_a_scale), ("lora_b_scale", lora_b_scale)):
+            if scale is None:
                 self._buffers.pop(name, None)
-            return
-        codes_a, scale_a, codes_b, scale_b = quantize_factors(a, b, self.factor_bits)
-        if self.factor_bits == 4:
-            codes_a, codes_b = pack(codes_a.T.int() + 8, 4), pack(codes_b.int() + 8, 4)
-        self.register_buffer("lora_a", codes_a.contiguous())
-        self.register_buffer("lora_b", codes_b.contiguous())
-        self.register_buffer("lora_a_scale", scale_a)
-        self.register_buffer("lora_b_scale", scale_b)
+            else:
+                self.register_buffer(name, scale)
 
     def low_rank_factors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """The factors as stored, A [in, rank] and B [rank, out], in `dtype`."""

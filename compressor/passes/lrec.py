@@ -34,9 +34,10 @@ from typing import ClassVar
 import torch
 
 from compressor.errors import CompressorError
+from compressor.formats import FACTOR_BITS, low_rank_bits
 from compressor.nn import QuantLinear
-from compressor.nn.quant_linear import FACTOR_BITS, low_rank_bits, round_factors
 from compressor.passes.base import ParamError, Pass, check_sink_weight
+from compressor.passes.factors import round_factors, store_factors
 from compressor.passes.hessian import check_damp, inverse_hessian_cholesky, output_error
 from compressor.passes.svd import split_factors, whitened_svd
 from compressor.passes.sweep import Ahead, sweep_columns
@@ -78,7 +79,7 @@ def round_with_feedback(w: torch.Tensor, hessian: torch.Tensor, scale: torch.Ten
 def fit_integer_factors(a: torch.Tensor, b: torch.Tensor, error: torch.Tensor, hessian: torch.Tensor | None,
                         bits: int, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors A [in, r], B [r, out] from the SVD, fitted to `bits`-bit codes with a scale per rank (as
-    QuantLinear.set_low_rank stores them) for the output error ||X (error^T - A B)||^2 (H = X^T X [in, in];
+    store_factors stores them) for the output error ||X (error^T - A B)||^2 (H = X^T X [in, in];
     None: plain Frobenius, rounding only):
     1. A rounded with feedback in H. B = Sigma^1/2 Q^T has orthogonal rows, so the error that rounding
        A's column k adds is sigma_k da_k^T H da_k, a GPTQ problem per rank.
@@ -164,7 +165,7 @@ class LREC(Pass):
             factors = split_factors(*whitened_svd(error.T, basis, self.damp), rank)
             if self.factor_bits < 16:
                 factors = fit_integer_factors(*factors, error, basis, self.factor_bits, self.damp)
-            q.set_low_rank(*factors, self.factor_bits)
+            store_factors(q, *factors, self.factor_bits)
             a, b = q.low_rank_factors()
             correction = (a @ b).T  # [out, in], as stored
             after = output_error(error - correction, H)

@@ -80,8 +80,8 @@ from torch import nn
 from compressor.errors import CompressorError, CompressorWarning
 from compressor.formats import dequantize, group_index
 from compressor.nn import QuantLinear
-from compressor.nn.quant_linear import round_factors
 from compressor.passes.base import LayerPass, ParamError, layer_output
+from compressor.passes.factors import round_factors, store_factors
 from compressor.runtime import SLOW_MATMUL, matmul_slowdown
 
 CHECK_WINDOWS = 4  # the calibration windows on which the record's before / after errors are measured
@@ -227,7 +227,7 @@ def store(linears: dict[str, QuantLinear], factors: dict, scale_factors: dict) -
     for name, m in scale_factors.items():
         linears[name].scales.copy_(linears[name].scales.float() * m)
     for name, (a, b) in factors.items():
-        linears[name].set_low_rank(a.detach(), b.detach())
+        store_factors(linears[name], a.detach(), b.detach())
 
 
 def next_norm(model: nn.Module, adapter, index: int) -> nn.Module:
