@@ -4,9 +4,7 @@
 
 Needs matplotlib (`pip install -e .[eval]`). Rows without bits per weight (dense, pruning) are left out;
 the dense perplexity is drawn as a horizontal line per model. A job the suite lists under two names (the
-same passes, e.g. a setting that became the default) is drawn once, under the name that comes first. Rows
-kept from before a fix (methods ending in "(before COMMIT)") are drawn as hollow gray points, unnamed: the
-table names them.
+same passes, e.g. a setting spelled out that is also the default) is drawn once, under the name that comes first.
 """
 
 import argparse
@@ -16,7 +14,6 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SUPERSEDED = re.compile(r"\(before \w+\)$")  # 'GPTQ W3 (before b03baa4)': measured before a fix
 
 
 def family(method: str) -> str:
@@ -40,29 +37,23 @@ def main() -> None:
     stem = ROOT / "eval" / "results" / args.suite
     rows = json.loads(stem.with_suffix(".json").read_text())["rows"]
     models = sorted({r["model"] for r in rows})
-    names = sorted({family(r["method"]) for r in rows  # the families drawn as curves
-                    if r.get("linear_bits_per_weight") and not SUPERSEDED.search(r["method"])})
-    tab10 = [c for i, c in enumerate(plt.cm.tab10.colors) if i != 7]  # gray is for dense and superseded rows
+    names = sorted({family(r["method"]) for r in rows if r.get("linear_bits_per_weight")})  # the curves
+    tab10 = [c for i, c in enumerate(plt.cm.tab10.colors) if i != 7]  # gray is for dense
     palette = tab10 + list(plt.cm.Dark2.colors) + list(plt.cm.Set1.colors)
     colors = {name: palette[i % len(palette)] for i, name in enumerate(names)}  # the same in every panel
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 7), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         mine = [r for r in rows if r["model"] == model]
-        curves, superseded, drawn = defaultdict(list), [], set()
+        curves, drawn = defaultdict(list), set()
         for r in mine:
             point = (r.get("linear_bits_per_weight"), r["ppl"])
-            if point[0] and SUPERSEDED.search(r["method"]):
-                superseded.append(point)
-            elif point[0] and point not in drawn:  # a job listed twice: its first name
+            if point[0] and point not in drawn:  # a job listed twice: its first name
                 curves[family(r["method"])].append(point)
                 drawn.add(point)
             elif r["method"] == "dense":
                 ax.axhline(r["ppl"], color="gray", linestyle="--", label=f"dense {r['ppl']:.2f}")
         for name, points in sorted(curves.items()):
             ax.plot(*zip(*sorted(points), strict=True), marker="o", label=name, color=colors[name])
-        if superseded:
-            ax.scatter(*zip(*superseded, strict=True), facecolors="none", edgecolors="gray", zorder=0,
-                       label="measured before a later fix (named in the table)")
         windows = {f"{r['windows']} of {r['windows_in_split']}" for r in mine}
         ax.set(title=f"{model}\nwikileads-ppl-v1, L=2048, windows {', '.join(sorted(windows))}",
                xlabel="bits per weight of the quantized linears\n(codes, scales, zeros and factors)",
