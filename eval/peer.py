@@ -22,7 +22,7 @@ token ids (the rows stay keyed by --model):
         --load "$(python -c 'from compressor.models.sources import resolve; print(resolve("bundled:gemma-3-270m"))')"
 
 `--reverse` feeds the same calibration windows last first: the running means then round differently, which
-is enough to flip Wanda 2:4's near-ties (eval/results/wanda-tie-sensitivity.md), so it gives a second draw
+is enough to flip Wanda 2:4's near-ties (docs/design-decisions.md), so it gives a second draw
 of the peer's result; the row's calibration says "reversed". `--shuffle SEED` feeds them in a seeded random
 order instead (further draws; the row says "shuffled, seed SEED").
 

@@ -156,7 +156,7 @@ SUITES = {
     } | {  # the first token of each calibration window counted 64 times (the default) or once
         f"sparsegpt {label}, sink weight {weight}": [{"sparsegpt": {**setting, "sink_weight": weight}}]
         for weight in (1, 64) for label, setting in SPARSITIES
-    } | {  # the input norms summed as llm-compressor sums them, the default (eval/results/wanda-tie-sensitivity.md)
+    } | {  # the input norms summed as llm-compressor sums them, the default (docs/design-decisions.md)
         f"wanda {label}, running mean": [{"wanda": setting}] for label, setting in SPARSITIES
     },
     "slicing": {"dense": None} | {f"slice {pct}%": [{"slice": {"fraction": pct / 100}}] for pct in (10, 20, 25, 30)} | {
