@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 from compressor.errors import CompressorError
 from compressor.models import Adapter
 from compressor.passes import Pass
-from compressor.passes.base import PRUNED, LayerPass, layer_output, matches
+from compressor.passes.base import LayerContext, LayerPass, LayerState, layer_output, matches
 from compressor.passes.hessian import window_hessian, with_sink_weight
 
 
@@ -87,51 +87,52 @@ def compress_model(model: PreTrainedModel, adapter: Adapter, passes: list[Pass],
     hidden: list[torch.Tensor] = []  # the inputs of the layer being compressed, one per window
     if needs_data:
         hidden, layer_kwargs = capture_layer_inputs(model, adapter, windows)
+    runs = {k: p.new_run() for k, p in enumerate(passes) if isinstance(p, LayerPass)}  # carried across layers
     bar = tqdm(total=len(layers) * len(passes), disable=not progress, unit="step")
     for i, layer in enumerate(layers):
         home = next(layer.parameters()).device
         layer.to(device)
         kwargs = _to(layer_kwargs[i], device) if needs_data else {}
+        state = LayerState()  # what the passes on this layer hand each other; dropped with the layer
         outputs = None  # the compressed layer's outputs, when the last pass to change it computed them
-        for p, per_layer in zip(passes, targets, strict=True):
+        for k, (p, per_layer) in enumerate(zip(passes, targets, strict=True)):
             start = time.perf_counter()
             if isinstance(p, LayerPass):
-                hidden, done, outputs = p.apply_layer(model, adapter, i, layer, hidden, kwargs, device, per_layer[i])
+                ctx = LayerContext(model, adapter, i, layer, hidden, kwargs, device, per_layer[i], state)
+                hidden, done, outputs = p.apply_layer(ctx, runs[k])
                 for name, record in done.items():
                     records[name].append(record)
             else:
                 outputs = None
-                for name, record in apply_linear_pass(p, model, i, layer, hidden, kwargs, device, per_layer[i]):
+                for name, record in apply_linear_pass(p, model, i, layer, hidden, kwargs, device, per_layer[i],
+                                                      state):
                     records[name].append(record)
             bar.set_description(f"layer {i + 1}/{len(layers)} {p.name}")
             bar.set_postfix_str(f"{time.perf_counter() - start:.1f}s")
             bar.update()
         if needs_data and i + 1 < len(layers):
             hidden = outputs if outputs is not None else [run_layer(layer, h, kwargs, device) for h in hidden]
-        for module in layer.modules():  # what quantizers keep for lrec (the float weight, the quantizer), and
-            module.__dict__.pop("dense_weight", None)  # the mark pruning leaves for the quantizers
-            module.__dict__.pop("requantize", None)
-            module.__dict__.pop(PRUNED, None)
         layer.to(home)
-    for p in passes:
-        if isinstance(p, LayerPass):
-            for name, record in p.finish(model, adapter).items():
-                records[name].append(record)
+    for k, run in runs.items():
+        for name, record in passes[k].finish(model, adapter, run).items():
+            records[name].append(record)
     bar.close()
     return dict(records)
 
 
 def apply_linear_pass(p: Pass, model: PreTrainedModel, index: int, layer: nn.Module, hidden: list[torch.Tensor],
-                      kwargs: dict, device: torch.device, names: list[str]) -> list[tuple[str, dict]]:
+                      kwargs: dict, device: torch.device, names: list[str], state: LayerState
+                      ) -> list[tuple[str, dict]]:
     """Collect the statistics pass `p` needs on decoder layer `index`, then compress each of its target
-    linears (`names`) in place; return (name, record) for each."""
+    linears (`names`) in place, handing on what later passes need through `state`; return (name, record)
+    for each."""
     linears = current_targets(model, names)
     try:
         stats = collect_stats(layer, linears, hidden, kwargs, p.stats, device,
                               getattr(p, "sink_weight", 1.0)) if p.stats else {}
         done = []
         for name, linear in linears.items():
-            module, record = p.apply(name, linear, stats.pop(name, None))
+            module, record = p.apply(name, linear, stats.pop(name, None), state)
             if module is not linear:
                 model.set_submodule(name, module)
             done.append((name, record))

@@ -26,7 +26,7 @@ class Spy(Pass):
     accepts: ClassVar[tuple[str, ...]] = ("dense", "pruned")
     seen: dict = None
 
-    def apply(self, name, linear, stats):
+    def apply(self, name, linear, stats, state):
         self.seen[name] = stats.clone()
         return linear, {"pass": "spy"}
 

@@ -5,6 +5,7 @@ from torch import nn
 
 import compressor
 from compressor.nn import LowRankLinear
+from compressor.passes.base import LayerState
 from compressor.passes.lowrank import LowRank
 
 IDS = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
@@ -19,7 +20,7 @@ def correlated_inputs(n=500, width=48, seed=0):
 def factorize(method, linear, x, **rank):
     p = LowRank(method=method, **rank)
     p.validate()
-    return p.apply("layer", linear, x.T @ x if method == "activation" else None)
+    return p.apply("layer", linear, x.T @ x if method == "activation" else None, LayerState())
 
 
 def test_activation_aware_beats_plain_svd_on_output_error():

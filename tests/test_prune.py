@@ -4,6 +4,7 @@ from conftest import recipe_dict
 from torch import nn
 
 import compressor
+from compressor.passes.base import LayerState
 from compressor.passes.prune import Magnitude, Wanda, nm_keep_mask, parse_pattern, row_keep_mask
 
 
@@ -40,7 +41,7 @@ def test_magnitude_apply_zeroes_smallest_and_keeps_the_rest_unchanged():
     torch.manual_seed(0)
     linear = nn.Linear(32, 8, bias=False)
     before = linear.weight.detach().clone()
-    _, record = Magnitude(sparsity=0.5).apply("x", linear, None)
+    _, record = Magnitude(sparsity=0.5).apply("x", linear, None, LayerState())
     w = linear.weight.detach()
     assert record["sparsity"] == 0.5
     assert ((w == 0).sum(1) == 16).all()
@@ -55,7 +56,7 @@ def test_wanda_score_uses_input_norms():
     linear = nn.Linear(8, 2, bias=False)
     nn.init.constant_(linear.weight, 1.0)
     norms = torch.tensor([1.0, 9.0, 2.0, 8.0, 3.0, 7.0, 4.0, 6.0], dtype=torch.float64)
-    Wanda(sparsity=0.5).apply("x", linear, norms)
+    Wanda(sparsity=0.5).apply("x", linear, norms, LayerState())
     assert torch.equal(linear.weight[0] != 0, torch.tensor([False, True, False, True, False, True, False, True]))
 
 

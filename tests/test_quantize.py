@@ -8,7 +8,7 @@ from torch import nn
 import compressor
 from compressor.errors import CompressorError
 from compressor.nn import QuantLinear
-from compressor.passes.base import PRUNED
+from compressor.passes.base import LayerState
 from compressor.passes.prune import Magnitude
 from compressor.passes.quantize import GPTQ, RTN, gptq, grid, rtn, to_codes
 
@@ -150,13 +150,15 @@ def test_gptq_updates_zero_weights_it_was_not_told_are_pruned():
 
 
 def test_magnitude_at_sparsity_zero_freezes_a_dense_linears_exact_zeros_for_gptq():
-    # how eval/run.py reproduces GPTQ before b03baa4 ("exact zeros frozen"): nothing pruned, the zeros kept
+    # nothing pruned, but the linear counts as pruned: GPTQ keeps its exact zeros
     x = correlated_inputs()
     linear = linear_with_zeros()
     zero, before = linear.weight == 0, linear.weight.detach().clone()
-    linear, record = Magnitude(sparsity=0.0).apply("up_proj", linear, None)
+    state = LayerState()
+    linear, record = Magnitude(sparsity=0.0).apply("up_proj", linear, None, state)
     assert torch.equal(linear.weight, before) and record["sparsity"] == pytest.approx(zero.double().mean().item())
-    q, _ = GPTQ(bits=4, group_size=32).apply("up_proj", linear, x.T @ x)
+    assert state.pruned == {"up_proj"}
+    q, _ = GPTQ(bits=4, group_size=32).apply("up_proj", linear, x.T @ x, state)
     assert (q.weight_dequantized()[zero] == 0).all()
 
 
@@ -164,8 +166,8 @@ def test_gptq_keep_zeros_freezes_a_dense_linears_exact_zeros():
     x = correlated_inputs()
     linear = linear_with_zeros()
     zero = linear.weight == 0
-    free, free_record = GPTQ(bits=2, group_size=32).apply("up_proj", linear, x.T @ x)
-    kept, kept_record = GPTQ(bits=2, group_size=32, keep_zeros=True).apply("up_proj", linear, x.T @ x)
+    free, free_record = GPTQ(bits=2, group_size=32).apply("up_proj", linear, x.T @ x, LayerState())
+    kept, kept_record = GPTQ(bits=2, group_size=32, keep_zeros=True).apply("up_proj", linear, x.T @ x, LayerState())
     assert (kept.weight_dequantized()[zero] == 0).all() and (free.weight_dequantized()[zero] != 0).any()
     assert kept_record["frozen_zeros"] == zero.sum().item() and free_record["frozen_zeros"] == 0
 
@@ -176,7 +178,6 @@ def test_prune_then_gptq_keeps_the_pruned_zeros(pruner, llama_dir, corpus):
     model = compressor.compress(recipe_dict(llama_dir, corpus, passes), progress=False)
     w = model.model.layers[1].mlp.up_proj.weight_dequantized()
     assert ((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all()
-    assert not hasattr(model.model.layers[1].mlp.down_proj, PRUNED)  # pruned, not quantized: the mark is gone
 
 
 def test_bad_quantization_parameters():
@@ -187,7 +188,7 @@ def test_bad_quantization_parameters():
     linear = nn.Linear(8, 4)
     linear.weight.data[1, 2] = float("nan")
     with pytest.raises(CompressorError, match="layers.3.mlp.up_proj has NaN"):
-        RTN(bits=4).apply("layers.3.mlp.up_proj", linear, None)
+        RTN(bits=4).apply("layers.3.mlp.up_proj", linear, None, LayerState())
     assert GPTQ.stats == "hessian"
 
 

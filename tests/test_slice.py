@@ -47,12 +47,12 @@ def test_the_outputs_slice_hands_the_engine_are_the_sliced_layers_outputs(slice_
 
     compared = []
 
-    def checked(self, model, adapter, index, layer, hidden, kwargs, device, names):
-        hidden, records, outputs = original(self, model, adapter, index, layer, hidden, kwargs, device, names)
+    def checked(self, ctx, run):
+        hidden, records, outputs = original(self, ctx, run)
         if outputs is not None:
             for h, out in zip(hidden, outputs, strict=True):
-                torch.testing.assert_close(out, run_layer(layer, h, kwargs, device), atol=1e-5, rtol=1e-4)
-            compared.append(index)
+                torch.testing.assert_close(out, run_layer(ctx.layer, h, ctx.kwargs, ctx.device), atol=1e-5, rtol=1e-4)
+            compared.append(ctx.index)
         return hidden, records, outputs
 
     original = Slice.apply_layer

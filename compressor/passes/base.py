@@ -1,9 +1,11 @@
 """What every pass has: targets/ignore matching, parameter checks, and the apply step."""
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from compressor.errors import CompressorError
@@ -41,14 +43,52 @@ def matches(name: str, module: nn.Module, patterns: list[str]) -> bool:
     return False
 
 
-# A pruning pass sets this attribute on the linears it prunes, so that a later pass on the same layer
-# (a quantizer) keeps their zeros zero; the engine removes it when the layer is done.
-PRUNED = "pruned_by_earlier_pass"
+@dataclass
+class Quantized:
+    """What a quantization pass leaves for the passes after it on the same layer (lrec, lrec_refine)."""
+
+    dense_weight: torch.Tensor  # [out, in] float32: the weight before rounding
+    requantize: Callable[[torch.Tensor], None]  # round a new target [out, in] into the module's codes, as the pass did
+
+
+@dataclass
+class LayerState:
+    """What the passes on one decoder layer hand to the passes after them on that layer. The engine makes one
+    per layer and drops it when the layer is done, so nothing in it reaches the checkpoint."""
+
+    pruned: set[str] = field(default_factory=set)  # linears a pruning pass zeroed: their zeros stay zero
+    quantized: dict[str, Quantized] = field(default_factory=dict)  # linears a quantization pass made
+
+
+@dataclass
+class LayerContext:
+    """Everything a LayerPass sees of the decoder layer it transforms."""
+
+    model: nn.Module
+    adapter: Any  # compressor.models.Adapter
+    index: int
+    layer: nn.Module
+    hidden: list[torch.Tensor]  # the layer's calibration inputs, [1, L, d] each, on the CPU
+    kwargs: dict  # the layer's other call arguments (masks, positions), on `device`
+    device: torch.device
+    names: list[str]  # the linears the plan chose in this layer
+    state: LayerState
 
 
 @dataclass
 class Pass:
     """A compression method applied, layer by layer, to the targeted linears of each decoder layer.
+
+    Lifecycle, as the engine drives it:
+    1. check: `validate()` when the recipe is read (parameters alone); `check_model()` and `check_module()`
+       when the engine plans the run, before any work starts (can this model and each targeted linear take it).
+    2. collect statistics: for each decoder layer, the engine runs the layer on the calibration inputs with
+       hooks and hands each targeted linear the statistic the pass declares in `stats`.
+    3. apply: `apply()` per targeted linear, layer by layer (a LayerPass: `apply_layer()` per layer).
+    4. finish: a LayerPass's `finish()` after the last layer.
+    A pass object holds its settings only. What it hands to later passes on the same layer goes into the
+    layer's LayerState; what a LayerPass carries from layer to layer lives in the object its `new_run()`
+    returns, which the engine keeps for the run and hands back.
 
     A subclass sets `name`, declares its parameters as dataclass fields, states which calibration
     statistic it needs (`stats`), and implements `apply`.
@@ -79,25 +119,28 @@ class Pass:
     def check_module(self, name: str, linear: nn.Linear) -> None:
         """Check that the pass can run on this linear before any work starts; raise CompressorError."""
 
-    def apply(self, name: str, linear: nn.Linear, stats: Any) -> tuple[nn.Module, dict]:
+    def apply(self, name: str, linear: nn.Linear, stats: Any, state: LayerState) -> tuple[nn.Module, dict]:
         """Compress `linear`; return the module that replaces it (or `linear` itself, changed in place)
         and the record of what was done, which the checkpoint stores. A record with a "runtime" entry
-        tells `checkpoint.load` which runtime module to rebuild."""
+        tells `checkpoint.load` which runtime module to rebuild. `state`: the layer's hand-off between passes."""
         raise NotImplementedError
 
 
 class LayerPass(Pass):
     """A pass that transforms a whole decoder layer and the model around it (slicing), rather than one
-    linear at a time. The engine calls `apply_layer` for every layer in order, then `finish` once."""
+    linear at a time. The engine calls `new_run` once, `apply_layer` for every layer in order, then `finish`."""
 
-    def apply_layer(self, model, adapter, index: int, layer: nn.Module, hidden: list, kwargs: dict,
-                    device, names: list[str]) -> tuple[list, dict[str, dict], list | None]:
-        """Transform layer `index` (`names`: the linears the plan chose in it); return its cached calibration
-        inputs (changed if the pass changed what the layer receives), a record per module changed or added,
-        and the transformed layer's outputs on those inputs when the pass computed them anyway (else None:
-        the engine runs the layer), which saves the engine a forward pass."""
+    def new_run(self) -> Any:
+        """The state this pass carries from layer to layer during one run (None: nothing)."""
+        return None
+
+    def apply_layer(self, ctx: LayerContext, run: Any) -> tuple[list, dict[str, dict], list | None]:
+        """Transform layer `ctx.index`; return its cached calibration inputs (changed if the pass changed what the
+        layer receives), a record per module changed or added, and the transformed layer's outputs on those
+        inputs when the pass computed them anyway (else None: the engine runs the layer), which saves the
+        engine a forward pass."""
         raise NotImplementedError
 
-    def finish(self, model, adapter) -> dict[str, dict]:
+    def finish(self, model, adapter, run: Any) -> dict[str, dict]:
         """After the last layer; return a record per module changed or added."""
         return {}

@@ -20,7 +20,7 @@ from torch import nn
 
 from compressor.errors import CompressorError
 from compressor.nn import LowRankLinear
-from compressor.passes.base import ParamError, Pass
+from compressor.passes.base import LayerState, ParamError, Pass
 from compressor.passes.hessian import check_damp
 from compressor.passes.svd import energy_rank, split_factors, whitened_svd
 
@@ -76,7 +76,8 @@ class LowRank(Pass):
         return energy_rank(sigma, self.energy)
 
     @torch.no_grad()
-    def apply(self, name: str, linear: nn.Linear, hessian: torch.Tensor | None) -> tuple[nn.Module, dict]:
+    def apply(self, name: str, linear: nn.Linear, hessian: torch.Tensor | None, state: LayerState
+              ) -> tuple[nn.Module, dict]:
         W = linear.weight.data
         out_features, in_features = W.shape
         left, sigma, right = whitened_svd(W.T, hessian, self.damp)  # W^T [in, out]

@@ -36,7 +36,7 @@ import torch
 from compressor.errors import CompressorError
 from compressor.formats import FACTOR_BITS, low_rank_bits
 from compressor.nn import QuantLinear
-from compressor.passes.base import ParamError, Pass, check_sink_weight
+from compressor.passes.base import LayerState, ParamError, Pass, check_sink_weight
 from compressor.passes.factors import round_factors, store_factors
 from compressor.passes.hessian import check_damp, inverse_hessian_cholesky, output_error
 from compressor.passes.svd import split_factors, whitened_svd
@@ -150,11 +150,12 @@ class LREC(Pass):
                                   f"{one:.3f} bits per weight there")
 
     @torch.no_grad()
-    def apply(self, name: str, q: QuantLinear, hessian: torch.Tensor) -> tuple[QuantLinear, dict]:
-        dense = getattr(q, "dense_weight", None)
-        if dense is None:
+    def apply(self, name: str, q: QuantLinear, hessian: torch.Tensor, state: LayerState) -> tuple[QuantLinear, dict]:
+        quantized = state.quantized.get(name)
+        if quantized is None:
             raise CompressorError(f"lrec: {name} has no float weight to correct; put lrec right after the "
                                   "quantization pass in the same recipe")
+        dense = quantized.dense_weight
         rank = self.rank_for(q.in_features, q.out_features)
         H = hessian.double()
         error = dense - q.weight_dequantized(torch.float32)  # [out, in]
@@ -172,7 +173,7 @@ class LREC(Pass):
             if best is None or after < best[0]:
                 best = (after, {k: v.clone() for k, v in q.state_dict().items()})
             if step < self.alternate:
-                q.requantize(dense - correction)
+                quantized.requantize(dense - correction)
                 error = dense - q.weight_dequantized(torch.float32)
         after, state = best
         q.load_state_dict(state)

@@ -80,11 +80,19 @@ from torch import nn
 from compressor.errors import CompressorError, CompressorWarning
 from compressor.formats import dequantize, group_index
 from compressor.nn import QuantLinear
-from compressor.passes.base import LayerPass, ParamError, layer_output
+from compressor.passes.base import LayerContext, LayerPass, ParamError, layer_output
 from compressor.passes.factors import round_factors, store_factors
 from compressor.runtime import SLOW_MATMUL, matmul_slowdown
 
 CHECK_WINDOWS = 4  # the calibration windows on which the record's before / after errors are measured
+
+
+@dataclass
+class RefineRun:
+    """What lrec_refine carries from layer to layer: with `reference: model`, the dense model's hidden states
+    entering the next layer, [1, L, d] per calibration window."""
+
+    dense_hidden: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -122,24 +130,29 @@ class LRECRefine(LayerPass):
         if not self.lr > 0:
             raise ParamError("lr", f"got {self.lr}; use a positive learning rate, e.g. 1e-3")
 
-    def apply_layer(self, model, adapter, index: int, layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict,
-                    device: torch.device, names: list[str]) -> tuple[list[torch.Tensor], dict[str, dict], None]:
-        linears = {name: model.get_submodule(name) for name in names}
+    def new_run(self) -> RefineRun:
+        return RefineRun()
+
+    def apply_layer(self, ctx: LayerContext, run: RefineRun) -> tuple[list[torch.Tensor], dict[str, dict], None]:
+        model, adapter, index, layer, hidden = ctx.model, ctx.adapter, ctx.index, ctx.layer, ctx.hidden
+        kwargs, device = ctx.kwargs, ctx.device
+        linears = {name: model.get_submodule(name) for name in ctx.names}
+        dense = {model.get_submodule(name): q.dense_weight for name, q in ctx.state.quantized.items()}
         reference = self.reference or adapter.refine_reference
         loss = self.loss or adapter.refine_loss
         if reference == "model":  # carry the dense model's hidden states on (layer 0: the same inputs)
-            self._dense_hidden = dense_outputs(layer, hidden if index == 0 else self._dense_hidden, kwargs, device)
+            run.dense_hidden = dense_outputs(layer, hidden if index == 0 else run.dense_hidden, kwargs, device, dense)
         if not linears:  # targets that leave this layer out
             return hidden, {}, None
         for name, q in linears.items():
-            if not (getattr(q, "rank", 0) or self.scales) or getattr(q, "dense_weight", None) is None:
+            if not (getattr(q, "rank", 0) or self.scales) or name not in ctx.state.quantized:
                 raise CompressorError(f"lrec_refine: {name} has no LREC factors or float weights to refine "
                                       "against; put lrec_refine right after lrec in the same recipe"
                                       + ("" if self.scales else " (or set `scales: true` to train the scales)"))
         if reference == "model":
-            targets = self._dense_hidden
+            targets = run.dense_hidden
         else:
-            targets = dense_outputs(layer, hidden, kwargs, device)
+            targets = dense_outputs(layer, hidden, kwargs, device, dense)
         weight = channel_weights(targets) if loss == "channel" else None  # [d] or None
         readout = next_norm(model, adapter, index).to(device) if loss == "next_norm" else nn.Identity()
         check = hidden[:CHECK_WINDOWS], targets[:CHECK_WINDOWS], kwargs, device, readout, weight
@@ -189,9 +202,6 @@ class LRECRefine(LayerPass):
                 q.__dict__.pop("forward", None)
         return factors, scale_factors, losses
 
-    def finish(self, model, adapter) -> dict[str, dict]:
-        self.__dict__.pop("_dense_hidden", None)
-        return {}
 
 
 def runs_bfloat16(autocast: str, device: torch.device) -> bool:
@@ -278,24 +288,22 @@ def relative_error(output: torch.Tensor, target: torch.Tensor, weight: torch.Ten
 
 
 @torch.no_grad()
-def dense_outputs(layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict, device: torch.device
-                  ) -> list[torch.Tensor]:
-    """The layer's outputs on `hidden` with every quantized linear that still has its float weight (those
-    quantized in this layer by the recipe) run on that float weight instead."""
-    quantized = [m for m in layer.modules() if isinstance(m, QuantLinear) and getattr(m, "dense_weight", None)
-                 is not None]
+def dense_outputs(layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict, device: torch.device,
+                  dense: dict[nn.Module, torch.Tensor]) -> list[torch.Tensor]:
+    """The layer's outputs on `hidden` with each quantized linear in `dense` (those quantized in this layer by
+    the recipe) run on its float weight [out, in] instead."""
     try:
-        for q in quantized:
-            q.forward = _dense_forward(q)
+        for q, weight in dense.items():
+            q.forward = _dense_forward(q, weight)
         return [layer_output(layer, h.to(device), kwargs).cpu() for h in hidden]
     finally:
-        for q in quantized:
+        for q in dense:
             q.__dict__.pop("forward", None)
 
 
-def _dense_forward(q: QuantLinear):
+def _dense_forward(q: QuantLinear, weight: torch.Tensor):
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, q.dense_weight.to(x.dtype), q.bias)
+        return F.linear(x, weight.to(x.dtype), q.bias)
     return forward
 
 

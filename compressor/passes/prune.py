@@ -14,7 +14,7 @@ from torch import nn
 
 from compressor.errors import CompressorError
 from compressor.nn import SparseLinear
-from compressor.passes.base import PRUNED, ParamError, Pass, check_sink_weight
+from compressor.passes.base import LayerState, ParamError, Pass, check_sink_weight
 from compressor.passes.hessian import check_damp, inverse_hessian_cholesky, without_dead_inputs
 from compressor.passes.sweep import Ahead, sweep_columns
 
@@ -83,17 +83,19 @@ class _Prune(Pass):
         raise NotImplementedError
 
     @torch.no_grad()
-    def apply(self, name: str, linear: nn.Linear, stats: torch.Tensor | None) -> tuple[nn.Module, dict]:
+    def apply(self, name: str, linear: nn.Linear, stats: torch.Tensor | None, state: LayerState
+              ) -> tuple[nn.Module, dict]:
         weight = linear.weight.data
         score = self.score(weight.float(), stats)
         nm = parse_pattern(self.pattern)
         keep = row_keep_mask(score, self.sparsity) if nm is None else nm_keep_mask(score, *nm)
         weight.mul_(keep.to(weight.dtype))
-        return self.pruned(linear)
+        return self.pruned(name, linear, state)
 
-    def pruned(self, linear: nn.Linear) -> tuple[nn.Module, dict]:
-        """Mark `linear` as pruned (for a later quantizer, see PRUNED) and return it with this pass's record."""
-        setattr(linear, PRUNED, True)
+    def pruned(self, name: str, linear: nn.Linear, state: LayerState) -> tuple[nn.Module, dict]:
+        """Note `name` as pruned in the layer's state (a later quantizer keeps its zeros zero) and return the
+        linear with this pass's record."""
+        state.pruned.add(name)
         zeros = (linear.weight == 0).sum().item()
         return linear, {"pass": self.name, "pattern": self.pattern, "sparsity": zeros / linear.weight.numel()}
 
@@ -197,12 +199,13 @@ class SparseGPT(_Prune):
         check_sink_weight(self.sink_weight)
 
     @torch.no_grad()
-    def apply(self, name: str, linear: nn.Linear, hessian: torch.Tensor) -> tuple[nn.Module, dict]:
+    def apply(self, name: str, linear: nn.Linear, hessian: torch.Tensor, state: LayerState
+              ) -> tuple[nn.Module, dict]:
         weight = linear.weight.data
         pruned = sparsegpt(weight.float(), hessian.to(weight.device), self.sparsity or 0.0,
                            parse_pattern(self.pattern), self.damp, self.block_size)
         weight.copy_(pruned.to(weight.dtype))
-        return self.pruned(linear)
+        return self.pruned(name, linear, state)
 
 
 def store_sparse(model: nn.Module, records: dict[str, list[dict]]) -> None:

@@ -18,7 +18,7 @@ from torch import nn
 from compressor.errors import CompressorError
 from compressor.formats import SUPPORTED_BITS, pack
 from compressor.nn import QuantLinear
-from compressor.passes.base import PRUNED, ParamError, Pass, check_sink_weight
+from compressor.passes.base import LayerState, ParamError, Pass, Quantized, check_sink_weight
 from compressor.passes.hessian import check_damp, inverse_hessian_cholesky, without_dead_inputs
 from compressor.passes.sweep import Ahead, sweep_columns
 
@@ -165,14 +165,13 @@ class _Quantize(Pass):
         """Codes, scales and zeros for weight [out, in]; the weights in `pruned` [out, in] (or None) must stay 0."""
         raise NotImplementedError
 
-    def frozen_zeros(self, linear: nn.Linear, weight: torch.Tensor) -> torch.Tensor | None:
-        """The weights [out, in] that must stay exactly 0 (None: none). Those a pruning pass zeroed (it set
-        PRUNED on the linear); a dense weight's zeros (common in models dequantized from GGUF) are weights
-        like any other."""
-        return (weight == 0) if getattr(linear, PRUNED, False) else None
+    def frozen_zeros(self, was_pruned: bool, weight: torch.Tensor) -> torch.Tensor | None:
+        """The weights [out, in] that must stay exactly 0 (None: none): those a pruning pass zeroed; a dense
+        weight's zeros (common in models dequantized from GGUF) are weights like any other."""
+        return (weight == 0) if was_pruned else None
 
     @torch.no_grad()
-    def apply(self, name: str, linear: nn.Linear, stats) -> tuple[nn.Module, dict]:
+    def apply(self, name: str, linear: nn.Linear, stats, state: LayerState) -> tuple[nn.Module, dict]:
         weight = linear.weight.data.float()
         if not torch.isfinite(weight).all():
             raise CompressorError(f"{self.name}: {name} has NaN or Inf weights; the model is broken before "
@@ -181,7 +180,7 @@ class _Quantize(Pass):
         q = QuantLinear(linear.in_features, linear.out_features, self.bits, group_size, linear.bias is not None,
                         SCALE_DTYPE, linear.weight.dtype).to(linear.weight.device)
 
-        pruned = self.frozen_zeros(linear, weight)
+        pruned = self.frozen_zeros(name in state.pruned, weight)
 
         def requantize(target: torch.Tensor) -> None:  # quantize target [out, in] into q's codes
             target = target if pruned is None else target.masked_fill(pruned, 0)
@@ -193,8 +192,7 @@ class _Quantize(Pass):
         requantize(weight)
         if linear.bias is not None:
             q.bias.data.copy_(linear.bias.data)
-        # For correcting passes (lrec, lrec_refine) while the layer is compressed; neither is saved.
-        q.dense_weight, q.requantize = weight, requantize
+        state.quantized[name] = Quantized(weight, requantize)  # for lrec and lrec_refine on this layer
         error = (q.weight_dequantized(torch.float32) - weight).norm() / weight.norm().clamp_min(1e-12)
         return q, {"pass": self.name, "bits": self.bits, "group_size": group_size, "symmetric": self.symmetric,
                    "clip_search": self.clip_search, "frozen_zeros": 0 if pruned is None else int(pruned.sum()),
@@ -251,8 +249,8 @@ class GPTQ(_Quantize):
         if self.block_size <= 0:
             raise ParamError("block_size", f"got {self.block_size}; use a positive integer such as 128")
 
-    def frozen_zeros(self, linear, weight):
-        return (weight == 0) if self.keep_zeros else super().frozen_zeros(linear, weight)
+    def frozen_zeros(self, was_pruned, weight):
+        return (weight == 0) if self.keep_zeros else super().frozen_zeros(was_pruned, weight)
 
     def quantize(self, weight, hessian, group_size, pruned):
         return gptq(weight, hessian.to(weight.device), self.bits, group_size, self.symmetric, self.damp,

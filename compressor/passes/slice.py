@@ -40,7 +40,7 @@ from compressor.errors import CompressorError, CompressorWarning
 from compressor.models import Adapter
 from compressor.nn import RMSNormOverWidth, Rotation
 from compressor.nn.sliced import resize_config
-from compressor.passes.base import LayerPass, ParamError, layer_output
+from compressor.passes.base import LayerContext, LayerPass, ParamError, layer_output
 
 
 def sliced_width(width: int, fraction: float) -> int:
@@ -98,6 +98,15 @@ def fold_norm(norm: nn.Module, readers: list[nn.Linear]) -> RMSNormOverWidth:
 
 
 @dataclass
+class SliceRun:
+    """What slicing carries from layer to layer."""
+
+    frame: torch.Tensor | None = None  # [D, k]: the basis the next layer's input arrives in (None: the original)
+    slice_embeddings: bool = False  # whether the embeddings and head are sliced too
+    untied: bool = False  # whether slicing untied a tied head from the embeddings
+
+
+@dataclass
 class Slice(LayerPass):
     """Delete the least-variance dimensions of the residual stream (SliceGPT)."""
 
@@ -145,11 +154,15 @@ class Slice(LayerPass):
         fractions = [self.layer_fractions.get(i, self.fraction) for i in range(n_layers)]
         warn_if_slicing_adds_parameters(layers, adapter, fractions)
 
-    def apply_layer(self, model: PreTrainedModel, adapter: Adapter, index: int, layer: nn.Module,
-                    hidden: list[torch.Tensor], kwargs: dict, device: torch.device, names: list[str],
+    def new_run(self) -> SliceRun:
+        return SliceRun()
+
+    def apply_layer(self, ctx: LayerContext, run: SliceRun
                     ) -> tuple[list[torch.Tensor], dict[str, dict], list[torch.Tensor] | None]:
-        """Slice decoder layer `index`; return its (possibly rotated) cached inputs, the records and the
+        """Slice decoder layer `ctx.index`; return its (possibly rotated) cached inputs, the records and the
         sliced layer's outputs (None for the last layer when the head stays full width)."""
+        model, adapter, index, layer, hidden = ctx.model, ctx.adapter, ctx.index, ctx.layer, ctx.hidden
+        kwargs, device = ctx.kwargs, ctx.device
         prefix = f"{adapter.layers}.{index}"
         n_layers = len(adapter.decoder_layers(model))
         (attn_norm, attn_readers), (mlp_norm, mlp_readers) = adapter.attn_inputs, adapter.mlp_inputs
@@ -158,8 +171,8 @@ class Slice(LayerPass):
         full_width = layer.get_submodule(mlp_norm).weight.numel()
         width = sliced_width(full_width, self.layer_fractions.get(index, self.fraction))
         if index == 0:
-            hidden = self._start(model, adapter, hidden, width, device, records)
-        P = self._frame  # [D, k_in], or None: the input arrives in the original basis
+            hidden = self._start(model, adapter, hidden, width, device, records, run)
+        P = run.frame  # [D, k_in], or None: the input arrives in the original basis
         if width == full_width and P is None:
             # A layer kept whole that reads the original basis stays the dense layer and writes the original
             # basis: rotating it would be exact too, but would cost two D x D shortcut matrices.
@@ -185,7 +198,7 @@ class Slice(LayerPass):
         for name in mlp_readers:
             self._rotate_reader(layer.get_submodule(name), Q_mid)
         self._set(layer.mlp_shortcut, Q_mid.T)  # the output back in the original basis, to find Q_out
-        if index == n_layers - 1 and not self._slice_embeddings:
+        if index == n_layers - 1 and not run.slice_embeddings:
             Q_out, outputs = eye, None  # a full-width head reads the last layer's output in the original basis
         else:
             outputs = [layer_output(layer, h.to(device), kwargs).cpu() for h in hidden]  # [1, L, D] each
@@ -201,7 +214,7 @@ class Slice(LayerPass):
             records[f"{prefix}.{name}"] = {"pass": self.name, "runtime": layer.get_submodule(name).runtime_config()}
         records[prefix] = {"pass": self.name, "width": width, "full_width": full_width,
                            "runtime": {"class": "SlicedLayer", "adapter": adapter.name}}
-        self._frame = Q_out
+        run.frame = Q_out
         return hidden, records, outputs
 
     @staticmethod
@@ -223,37 +236,36 @@ class Slice(LayerPass):
             linear.bias = nn.Parameter((linear.bias.double() @ Q).to(linear.bias.dtype), requires_grad=False)
         linear.out_features = Q.shape[1]
 
-    def finish(self, model: PreTrainedModel, adapter: Adapter) -> dict[str, dict]:
+    def finish(self, model: PreTrainedModel, adapter: Adapter, run: SliceRun) -> dict[str, dict]:
         """After the last layer: bring the head to the last layer's basis."""
-        if not self._slice_embeddings:  # the last layer already writes the full width
+        if not run.slice_embeddings:  # the last layer already writes the full width
             return {}
         norm, head = model.get_submodule(adapter.final_norm), model.get_submodule(adapter.head)
         model.set_submodule(adapter.final_norm, fold_norm(norm, [head]))
         with torch.no_grad():
-            frame = self._frame.to(head.weight.device)
+            frame = run.frame.to(head.weight.device)
             head.weight = nn.Parameter((head.weight.double() @ frame).to(head.weight.dtype))
-        head.in_features = self._frame.shape[1]
+        head.in_features = run.frame.shape[1]
         return {adapter.final_norm: {"pass": self.name,
                                      "runtime": model.get_submodule(adapter.final_norm).runtime_config()},
-                adapter.head: {"pass": self.name, "width": head.in_features, "untied": self._untied,
+                adapter.head: {"pass": self.name, "width": head.in_features, "untied": run.untied,
                                "runtime": resize_config(head)}}
 
     def _start(self, model: PreTrainedModel, adapter: Adapter, hidden: list[torch.Tensor], width: int,
-               device: torch.device, records: dict) -> list[torch.Tensor]:
+               device: torch.device, records: dict, run: SliceRun) -> list[torch.Tensor]:
         """Before layer 0: keep the embeddings, or rotate and slice them (untying a tied head) and the
         cached layer-0 inputs with them."""
-        self._frame = None
         embeddings, head = model.get_submodule(adapter.embeddings), model.get_submodule(adapter.head)
         tied = head.weight is embeddings.weight
-        self._slice_embeddings = not tied if self.slice_embeddings is None else self.slice_embeddings
-        self._untied = tied and self._slice_embeddings
-        if not self._slice_embeddings:
+        run.slice_embeddings = not tied if self.slice_embeddings is None else self.slice_embeddings
+        run.untied = tied and run.slice_embeddings
+        if not run.slice_embeddings:
             return hidden
-        if self._untied:
+        if run.untied:
             head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
             model.config.tie_word_embeddings = False
         Q = principal_axes(hidden, self.damp, device)[:, :width]
-        self._frame = Q
+        run.frame = Q
         Q = Q.to(embeddings.weight.device)
         embeddings.weight = nn.Parameter((embeddings.weight.double() @ Q).to(embeddings.weight.dtype),
                                          requires_grad=False)
