@@ -1,9 +1,8 @@
 """compressor: post-training compression of Hugging Face causal LMs."""
 
-__version__ = "0.1.0"
-
-from compressor.api import compress, evaluate, load, run  # noqa: E402
-from compressor.errors import CompressorError  # noqa: E402
-from compressor.recipe import load_recipe  # noqa: E402
+from compressor.api import compress, evaluate, load, run
+from compressor.checkpoint_format import VERSION as __version__
+from compressor.errors import CompressorError
+from compressor.recipe import load_recipe
 
 __all__ = ["CompressorError", "__version__", "compress", "evaluate", "load", "load_recipe", "run"]

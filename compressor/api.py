@@ -7,6 +7,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from compressor import checkpoint
+from compressor.checkpoint_format import read_compression_config
 from compressor.data import calibration_windows, load_documents
 from compressor.engine import compress_model, plan
 from compressor.errors import CompressorError
@@ -20,7 +21,7 @@ from compressor.runtime import count_parameters, peak_memory, resolve_device, wa
 
 def open_model(source: str, dtype: str = "float32") -> LoadedModel:
     """A compressor checkpoint folder through `checkpoint.load`; any other source through `load_model`."""
-    if checkpoint.read_compression_config(source) is None:
+    if read_compression_config(source) is None:
         return load_model(source, dtype)
     model = checkpoint.load(source)
     return LoadedModel(model, AutoTokenizer.from_pretrained(source), adapter_for(model), source, Path(source))

@@ -17,16 +17,13 @@ import transformers
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from compressor.checkpoint_format import FORMAT_VERSION, VERSION, read_compression_config
 from compressor.errors import CompressorError
 from compressor.nn import RUNTIME_MODULES
 
-FORMAT_VERSION = 1
-
 
 def versions() -> dict[str, str]:
-    from compressor import __version__
-
-    return {"compressor": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+    return {"compressor": VERSION, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
 
 
@@ -60,14 +57,6 @@ def save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output: str
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def read_compression_config(path: str | Path) -> dict | None:
-    """The checkpoint's compression_config, or None for a plain model folder."""
-    config_path = Path(path) / "config.json"
-    if not config_path.is_file():
-        return None
-    return json.loads(config_path.read_text()).get("compression_config")
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> PreTrainedModel:

@@ -132,7 +132,8 @@ def eval_(model: str, windows: int | None, seqlen: int, dataset: str, device: st
 @click.option("--modules", is_flag=True, help="List every compressed module.")
 def info(checkpoint: str, modules: bool) -> None:
     """Summarise what was done to which modules of CHECKPOINT."""
-    from compressor.checkpoint import linear_bits_per_weight, read_compression_config, weight_bytes
+    from compressor.checkpoint import linear_bits_per_weight, weight_bytes
+    from compressor.checkpoint_format import read_compression_config
 
     cc = read_compression_config(checkpoint) if Path(checkpoint).is_dir() else None
     if cc is None:

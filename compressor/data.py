@@ -1,4 +1,4 @@
-"""Text sources and token windows, per protocol v1 (shared/protocol.md).
+"""Text sources and token windows, per protocol v1 (docs/protocol.md).
 
 A text source is a list of documents:
 - `bundled:wikileads` (calibration pool) / `bundled:wikileads-eval` (eval split): Wikipedia lead

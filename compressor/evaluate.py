@@ -1,4 +1,4 @@
-"""Perplexity per protocol v1 (`wikileads-ppl-v1`, shared/protocol.md), with size and cost.
+"""Perplexity per protocol v1 (`wikileads-ppl-v1`, docs/protocol.md), with size and cost.
 
 Windows of L tokens (`[bos] + L-1 text tokens`, or L text tokens without a BOS), whole windows
 only; loss = mean NLL in float32 over every predicted position of every window; PPL = exp(loss).

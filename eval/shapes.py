@@ -5,6 +5,7 @@ import torch
 
 from compressor.formats import pack
 from compressor.nn import QuantLinear
+from compressor.passes.factors import store_factors
 
 SHAPES = {  # (in_features K, out_features N)
     "smollm2 mlp": (576, 1536), "smollm2 down": (1536, 576), "gemma3 qkv": (640, 1024),
@@ -23,5 +24,5 @@ def random_quant_linear(K: int, N: int, bits: int, group_size: int, symmetric: b
     zeros = torch.randint(0, 2**bits, q.zeros.shape, generator=g) if not symmetric else 2 ** (bits - 1)
     q.zeros.copy_(torch.as_tensor(zeros, dtype=torch.uint8).expand_as(q.zeros))
     if rank:
-        q.set_low_rank(torch.randn(K, rank, generator=g) * 0.01, torch.randn(rank, N, generator=g) * 0.01)
+        store_factors(q, torch.randn(K, rank, generator=g) * 0.01, torch.randn(rank, N, generator=g) * 0.01)
     return q.cuda()

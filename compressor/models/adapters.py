@@ -11,7 +11,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from compressor.errors import CompressorError
-from compressor.models.sliced_forward import llama_sliced_forward
+from compressor.nn.sliced import llama_sliced_forward
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class Adapter:
     # The decoder layer's forward with shortcut matrices on the residual connections (None: cannot be sliced).
     sliced_forward: Callable | None = None
     # lrec_refine's defaults for `reference` and `loss` (what a recipe that leaves them out gets): the settings
-    # measured to work on the family (eval/results/gemma-w2-diagnosis.md, quantization-grid-windows16.md).
+    # measured to work on the family (docs/design-decisions.md).
     refine_reference: str = "layer"
     refine_loss: str = "total"
 

@@ -16,7 +16,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from compressor.checkpoint import read_compression_config
+from compressor.checkpoint_format import read_compression_config
 from compressor.errors import CompressorError
 
 BUNDLED = {

@@ -4,7 +4,10 @@
   x / sqrt(sum(x^2) / full_width + eps), so it agrees with the dense model's norm when the deleted
   dimensions carry nothing.
 - `Rotation`: x -> x R, a change of basis of the residual stream (a decoder layer's shortcuts).
-- `sliced_layer`: give a decoder layer the forward that uses its shortcuts.
+- `sliced_layer`: give a decoder layer the forward that uses its shortcuts (`SLICED_FORWARDS`: per
+  architecture adapter, the architecture's own layer forward with a change of basis on each residual
+  connection, SliceGPT's shortcut matrices, held by the layer as `attn_shortcut` [k_in, k_mid] and
+  `mlp_shortcut` [k_mid, k_out]).
 - `resize`: rebuild a linear or embedding whose weights changed shape.
 """
 
@@ -52,11 +55,26 @@ class Rotation(nn.Module):
         return cls(*config["shape"], dtype=dtype)
 
 
+def llama_sliced_forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None,
+                         position_embeddings=None, **kwargs) -> torch.Tensor:
+    """LlamaDecoderLayer.forward (also Mistral's and Qwen2's) with the two shortcut matrices. The KV cache
+    travels in kwargs under whichever name the transformers version uses (`past_key_values`, `cache`)."""
+    residual = self.attn_shortcut(hidden_states)
+    hidden_states = self.input_layernorm(hidden_states)
+    hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask,
+                                      position_ids=position_ids, position_embeddings=position_embeddings, **kwargs)
+    hidden_states = residual + hidden_states
+    residual = self.mlp_shortcut(hidden_states)
+    hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+    return residual + hidden_states
+
+
+SLICED_FORWARDS = {"llama": llama_sliced_forward}  # adapter name -> sliced layer forward
+
+
 def sliced_layer(config: dict, old: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Give a decoder layer its architecture's sliced forward; its shortcut Rotations have their own records."""
-    from compressor.models.adapters import adapter_named
-
-    old.forward = types.MethodType(adapter_named(config["adapter"]).sliced_forward, old)
+    old.forward = types.MethodType(SLICED_FORWARDS[config["adapter"]], old)
     return old
 
 

@@ -8,10 +8,6 @@ counted in bits per weight. `factor_bits: 8` stores them as int8 codes with a fl
 instead, so the same bits buy about twice the rank; `factor_bits: 4` as int4 codes, four times. Integer
 factors are fitted to what storing keeps (fit_integer_factors): A rounded GPTQ-style (each rounding error
 made up for by the entries not yet rounded), B refitted to the rounded A, then rounded the same way.
-Layer 5, GPTQ W2, 1.0 extra bit per weight, 4 x 2048 calibration: the output error left (mean over the
-linears, as a fraction of W2's) falls from 0.775 to 0.673 on SmolLM2 and from 0.725 to 0.601 on Gemma-3
-with int8 factors, and to 0.486 on Gemma-3 with int4 ones (GPTQ W3: 0.243, 0.264;
-eval/results/lrec-int8-factors.md, eval/results/lrec-int4-factors.md).
 The rank comes from exactly one of `rank` (the same for every targeted linear) or `extra_bits` (a budget:
 the factors add at most this many bits per weight to each linear, rank = floor(extra_bits * in * out /
 (16 * (in + out))) for float16 factors, so wide MLP linears get higher ranks than narrow k/v
@@ -19,13 +15,9 @@ projections). For ranks that differ by module, use several lrec passes with diff
 `alternate: N` then repeats N times what LoftQ does for LoRA: re-quantize W - A B with the same
 quantizer (GPTQ with its Hessian, or RTN) and refit the factors to the new error, keeping the round
 with the least output error (a round can do worse: GPTQ is not the exact minimiser). The low-rank part
-takes the structure that the 2-bit grid handles worst, so the grid is spent on the rest. SmolLM2
-layer 5, GPTQ W2 g64, ranks from extra_bits 1.0, 4 x 2048 calibration: the output error left after
-LREC falls by a further 20-25% after 4 rounds (q_proj 0.0199 -> 0.0159 of ||X W^T||^2, down_proj
-0.0724 -> 0.0589).
-As in GPTQ, the first token of each calibration window can count `sink_weight` times in the Hessian
-(SmolLM2, GPTQ W2 g64 + LREC r16, 8 x 2048 calibration, windows=4: weight 1 2158, 64 1725; one
-measurement, so the default stays 1).
+takes the structure that the 2-bit grid handles worst, so the grid is spent on the rest.
+As in GPTQ, the first token of each calibration window can count `sink_weight` times in the Hessian.
+What these choices measured: docs/design-decisions.md ("LREC: whitened SVD, integer factors").
 """
 
 from dataclasses import dataclass

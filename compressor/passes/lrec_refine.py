@@ -6,11 +6,9 @@ dense layer's output on the same inputs (the outputs of the already compressed p
     min over {A, B}  sum_windows || layer_q+AB(x) - layer_dense(x) ||^2 / ||layer_dense(x)||^2
 which also accounts for how the errors of q, k, v, o, gate, up and down combine through attention
 and the MLP. Put it right after `lrec` in the same recipe (it needs the float weights that the
-quantization pass keeps for the duration of the layer). Each pair A, B is first rescaled per rank component so
+quantization pass hands on in the layer's state). Each pair A, B is first rescaled per rank component so
 that both have entries of one size (`balanced`): Adam's steps are about lr in size whatever an entry's, and
-LREC's whitened start can leave A 1000x smaller than B (Gemma-3's layer 0; at lr 1e-3 the unbalanced
-refinement left that layer's held-out error 2-3x above its start, balanced it ends 33-39% below;
-eval/results/lrec-refine-steps.md).
+LREC's whitened start can leave A orders of magnitude smaller than B.
 
 `reference: model` matches, instead, the uncompressed model's own outputs at this layer (the dense
 layers run on the dense inputs, carried along by this pass), as OmniQuant's block-wise training does:
@@ -24,34 +22,24 @@ targets) instead of summing all channels alike (`loss: total`):
     w_c = 1 / mean(y[:, c]^2) over all target tokens
 Gemma-3's residual stream carries a few channels around 1e5 while the rest stay near 1e1-1e2; under
 `total` their error is the whole loss, the other channels go unfitted, and each later RMSNorm brings
-those back to full weight. Gemma-3-270m, the W2 recipe's passes, 16 x 2048 calibration: the layers'
-relative errors stayed 0.2-0.6 under `total`, but after the final norm it was 1.26 (PPL windows=4 3213.0);
-`channel` gives 0.47 and 60.760 (eval/results/gemma-w2-diagnosis.md). On SmolLM2 it did not help
-(W2 + LREC r16, windows=16: 54.276 against 51.628, both before the factors were balanced).
+those back to full weight.
 
 `loss: next_norm` compares the two outputs as the next decoder layer reads them: after its input norm
 (after the last layer, the model's final norm), a frozen copy of that module:
     sum_windows || N(layer_q+AB(x)) - N(y) ||^2 / || N(y) ||^2,   N(h) = h / rms(h) * gain
 Each token then counts relative to its own scale (the first token's huge activations no longer dominate)
-and each channel as much as the next layer's gain lets it through: Gemma-3's norms give its huge channels
-1.7-37x less than the median gain, SmolLM2's give its large channels about the median gain
-(eval/results/gemma-w2-diagnosis.md), so one setting could follow both models' own weighting. Measured
-on SmolLM2 (the W2 recipe's passes, windows=4) it lost to `total`: 39.680 against 35.922
-(eval/results/w2-lrec-windows4.md).
+and each channel as much as the next layer's gain lets it through.
 
 `autocast: bfloat16` runs the refinement's forward and backward matmuls in bfloat16 (torch.autocast; the
-factors, Adam's state, the norms, the targets and the loss stay float32): on a CPU with AVX512-BF16 a
-[2048, 640] x [640, 2048] matmul takes 0.035 s in bfloat16 against 0.151 s in float32 (1 thread), so more
-steps fit in the same time. The dense targets are still computed in float32. A CPU without native bfloat16
-instructions runs them far slower instead (an AMD EPYC with AVX2 only: 16.9 s against 0.088 s, 190x), so
-where a probe matmul in bfloat16 is more than 2x slower than in float32 the pass warns and refines in float32;
-the record says which ran.
+factors, Adam's state, the norms, the targets and the loss stay float32), which is faster on a CPU with
+native bfloat16 instructions. The dense targets are still computed in float32. A CPU without them runs
+bfloat16 matmuls far slower instead, so where a probe matmul in bfloat16 is more than 2x slower than in
+float32 the pass warns and refines in float32; the record says which ran.
 
 Left out of a recipe, `reference` and `loss` take the model adapter's defaults: `layer` and `total` for
-Llama-family models, `model` and `next_norm` for Gemma-3. Gemma-3-270m, GPTQ W2 + LREC r16, windows=16:
-unrefined 116.119; `total` breaks it (above); `next_norm` fitted layer by layer 294.359, fitted to the
-dense model 62.377 (eval/results/quantization-grid-windows16.md); at rank 32, 75.874 against unrefined
-65.848 before the factors were balanced, 32.001 after. The settings used go into the checkpoint's per-module
+Llama-family models, `model` and `next_norm` for Gemma-3 (why, with the measurements behind each choice:
+docs/design-decisions.md, "lrec_refine balances the factors" and "Gemma-3: huge residual channels").
+The settings used go into the checkpoint's per-module
 record, with the loss before and after the refinement on the first `CHECK_WINDOWS` calibration windows
 (`relative_error_before`, `relative_error_after`: the layer as it was and as stored, each in one forward pass
 per window) and the mean training loss over the first and the last pass through the windows

@@ -120,8 +120,7 @@ class Wanda(_Prune):
     sink_weight: float = 1.0  # as SparseGPT's: the first token of each window counts this many times in ||X_j||^2
     # How ||X_j||^2 is summed: "running_mean", llm-compressor's float32 running mean of each window's squared
     # norm (see engine.collect_stats), which reproduces its masks; "sum", over every token in float64. The two
-    # differ by rounding, which at 2:4 moves perplexity by a few % either way; over 13 draws on Gemma-3 2:4 the
-    # running mean did 2.9% better (eval/results/wanda-tie-sensitivity.md), hence the default.
+    # differ by rounding only (docs/design-decisions.md, "Wanda sums the input norms as a float32 running mean").
     norms: str = "running_mean"
 
     @property
@@ -179,9 +178,8 @@ class SparseGPT(_Prune):
     """Prune with SparseGPT's OBS updates: the kept weights change to make up for the pruned ones.
 
     `sink_weight`: the first token of every calibration window counts this many times in the Hessian,
-    as in GPTQ (see `compressor.passes.quantize.GPTQ`). 64 by default: full split, it beat 1 at every setting
-    measured (SmolLM2-135M 50% 28.129 -> 26.167, 60% 60.075 -> 53.687, 2:4 58.063 -> 50.954, 4:8
-    41.408 -> 35.359; Gemma-3-270m 50% 24.350 -> 23.144; eval/results/pruning.md)."""
+    as in GPTQ (see `compressor.passes.quantize.GPTQ`). 64 by default: it beat 1 at every setting measured
+    (docs/design-decisions.md, "SparseGPT counts the first token 64 times")."""
 
     name: ClassVar[str] = "sparsegpt"
     stats: ClassVar[str | None] = "hessian"

@@ -32,9 +32,7 @@ SHRINKS = [1.0 - 0.05 * i for i in range(11)]
 def grid(w: torch.Tensor, bits: int, symmetric: bool, clip_search: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point [out] for the columns w [out, n] of one group. With `clip_search`, each row's
     range is shrunk by the factor in SHRINKS that gives the least squared error of the rounded weights
-    (the weights beyond the shrunk range are clipped): GPTQ's `mse` option, llm-compressor's MSE observer.
-    SmolLM2 g64, windows=4 (eval/results/clip-search-windows4.md): GPTQ W4 17.529 -> 17.036, W3 40.654 ->
-    27.201, W2 99868 -> 29722; RTN W4 19.024 -> 18.501, W3 107.4 -> 105.1, W2 1.7e6 -> 3.4e7."""
+    (the weights beyond the shrunk range are clipped): GPTQ's `mse` option, llm-compressor's MSE observer."""
     scale, zero = shrunk_grid(w, bits, symmetric, 1.0)
     if not clip_search:
         return scale, zero
@@ -213,24 +211,21 @@ class RTN(_Quantize):
 
 @dataclass
 class GPTQ(_Quantize):
-    """GPTQ with damping, lazy block updates and act-order with static groups (the default: on SmolLM2,
-    W4 g64, windows=8, sink weight 1, it gave 17.16 against 19.96 without act-order and 18.87 for RTN).
+    """GPTQ with damping, lazy block updates and act-order with static groups (the default).
 
     `sink_weight`: the first token of every calibration window counts this many times in the Hessian.
     Every later token attends to that token (the attention sink), yet with weight 1 it is one row in
-    2048 and GPTQ moves error onto it (on SmolLM2 its q/k/v output error came out up to 2.5x RTN's).
-    On SmolLM2 (g64 act-order, full split) weight 64 took W4 from 17.981 to 15.476 but W3 from 39.820
-    to 63.989, so the default stays 1 and the W4 recipe sets 64 (eval/results/gptq-sink-weight.md).
+    2048 and GPTQ moves error onto it. It helps at 4 bits and hurts at 3, so the default stays 1 and the
+    W4 recipes set 64.
 
-    `clip_search` is on by default here (off for RTN): it lowered GPTQ's perplexity at 4, 3 and 2 bits
-    (SmolLM2 W3 g64, full split: 39.820 -> 27.534; eval/results/clip-search-windows4.md).
+    `clip_search` is on by default here (off for RTN): it lowered GPTQ's perplexity at 4, 3 and 2 bits.
 
     `keep_zeros` keeps every weight that is exactly 0 at 0, pruned or not. A model dequantized from GGUF
-    has many such zeros (6-7% of Gemma-3-270m's q_proj and gate_proj weights, where the GGUF's own grids put
-    small weights); left free, GPTQ moves them and each linear's calibration output error falls by 1-4%,
-    yet on Gemma-3-270m W2 g128 (full split) frozen zeros gave 123.665 against 158.988 (W3: 26.435
-    against 27.230, within W3's rounding spread; W4 and W2 + LREC alike;
-    eval/results/gptq-w4-rounding-spread.md). Off by default: a measured win at 2 bits on one model."""
+    has many such zeros (the GGUF's own grids put small weights there); left free, GPTQ moves them, which
+    lowers each linear's calibration output error, yet freezing them did better end to end at 2 bits on
+    one model. Off by default.
+
+    The measurements behind each default: docs/design-decisions.md (the GPTQ sections)."""
 
     name: ClassVar[str] = "gptq"
     stats: ClassVar[str | None] = "hessian"
