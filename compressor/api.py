@@ -19,11 +19,13 @@ from compressor.recipe import Recipe, load_recipe
 from compressor.runtime import count_parameters, peak_memory, resolve_device, warn_if_slow_dtype
 
 
-def open_model(source: str, dtype: str = "float32") -> LoadedModel:
-    """A compressor checkpoint folder through `checkpoint.load`; any other source through `load_model`."""
+def open_model(source: str, dtype: str = "float32", keep_packed: bool = False, device: str | torch.device = "cpu"
+               ) -> LoadedModel:
+    """A compressor checkpoint folder through `checkpoint.load` (onto `device`); any other source through
+    `load_model` (onto the CPU)."""
     if read_compression_config(source) is None:
         return load_model(source, dtype)
-    model = checkpoint.load(source)
+    model = checkpoint.load(source, device, keep_packed)
     return LoadedModel(model, AutoTokenizer.from_pretrained(source), adapter_for(model), source, Path(source))
 
 
@@ -36,6 +38,8 @@ def compress(recipe: "str | Path | dict | Recipe", model: PreTrainedModel | None
     recipe's `model` source. Returns the compressed model; what was done is in `.compression_config`.
     The recipe's `device` runs the passes one decoder layer at a time, each moved there and back, so the
     returned model is where it was loaded (the CPU for a recipe's source): `.to("cuda")` to run it there.
+    Its quantized and pruned linears run packed (each call rebuilds the weight); `compressor.load` of the
+    saved checkpoint runs them at the dense model's speed, as `compressor.nn.unpack_weights` does in memory.
     """
     recipe = load_recipe(recipe)
     if recipe.output:
@@ -71,10 +75,13 @@ def _compress_loaded(recipe: Recipe, loaded: LoadedModel, overwrite: bool, progr
     return model
 
 
-def load(path: str | Path, device: str = "cpu", semi_structured: bool = False) -> PreTrainedModel:
-    """Load a compressed checkpoint written by `compress`. With `semi_structured` on a CUDA GPU of compute
-    capability 8.0+, 2:4-pruned float16/bfloat16 linears run as PyTorch semi-structured sparse tensors."""
-    model = checkpoint.load(path, resolve_device(device))
+def load(path: str | Path, device: str = "cpu", semi_structured: bool = False, keep_packed: bool = False
+         ) -> PreTrainedModel:
+    """Load a compressed checkpoint written by `compress`. Quantized and pruned linears are unpacked once
+    into dense weights, so the model runs as fast as the dense one; with `keep_packed`, only their packed form
+    is kept and every call rebuilds the weight (less memory, slower). With `semi_structured` on a CUDA GPU of
+    compute capability 8.0+, 2:4-pruned float16/bfloat16 linears run as PyTorch semi-structured sparse tensors."""
+    model = checkpoint.load(path, resolve_device(device), keep_packed)
     if semi_structured:
         converted = [m.use_semi_structured() for m in model.modules() if isinstance(m, SparseLinear)]
         if not any(converted):
@@ -85,19 +92,20 @@ def load(path: str | Path, device: str = "cpu", semi_structured: bool = False) -
 
 def evaluate(model: "PreTrainedModel | str", tokenizer: PreTrainedTokenizerBase | None = None,
              dataset: str = "bundled:wikileads", seqlen: int = 2048, windows: int | None = None,
-             device: str = "auto", progress: bool = True) -> dict:
+             device: str = "auto", progress: bool = True, keep_packed: bool = False) -> dict:
     """Perplexity (protocol v1) with parameters, bytes on disk, wall time and peak memory.
 
-    `model` is a loaded model (give `tokenizer`) or any model source / checkpoint path.
+    `model` is a loaded model (give `tokenizer`) or any model source / checkpoint path (`keep_packed`: as
+    for `load`).
     """
     folder = None
+    target = resolve_device(device)
     if isinstance(model, str):
-        loaded = open_model(model)
+        loaded = open_model(model, keep_packed=keep_packed, device=target)
         model, tokenizer, folder = loaded.model, loaded.tokenizer, loaded.folder
     elif tokenizer is None:
         raise CompressorError("evaluate(model) needs tokenizer=... when given a model object")
     home = next(model.parameters()).device
-    target = resolve_device(device)
     model.to(target)
     warn_if_slow_dtype(model, target)
     try:
@@ -105,6 +113,7 @@ def evaluate(model: "PreTrainedModel | str", tokenizer: PreTrainedTokenizerBase 
     finally:
         model.to(home)
     report["threads"] = torch.get_num_threads()
+    report["keep_packed"] = keep_packed
     report["bytes_on_disk"] = checkpoint.weight_bytes(folder) if folder else None
     cc = getattr(model, "compression_config", None)
     report["linear_bits_per_weight"] = checkpoint.linear_bits_per_weight(cc) if cc else None

@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,8 +19,8 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from compressor.checkpoint_format import FORMAT_VERSION, VERSION, read_compression_config
-from compressor.errors import CompressorError
-from compressor.nn import RUNTIME_MODULES
+from compressor.errors import CompressorError, CompressorWarning
+from compressor.nn import RUNTIME_MODULES, PackedLinear, unpack_weights
 
 
 def versions() -> dict[str, str]:
@@ -59,8 +60,43 @@ def save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output: str
     return out
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> PreTrainedModel:
-    """Load a compressed checkpoint as a working model (forward and generate)."""
+def load(path: str | Path, device: str | torch.device = "cpu", keep_packed: bool = False) -> PreTrainedModel:
+    """Load a compressed checkpoint as a working model (forward and generate). Quantized and pruned linears
+    are unpacked once into dense weights where the device has no kernel for their packed form, so each call
+    costs what the dense model's does (compressor/nn/packed.py); `keep_packed` keeps only the packed form
+    in memory and rebuilds each weight on every call instead (less memory, slower)."""
+    model = build(path)
+    state = {}
+    for shard in sorted(Path(path).glob("*.safetensors")):
+        state.update(load_file(shard))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(model._tied_weights_keys or {}) if model.config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise CompressorError(f"{path}: weights do not match the model its config describes "
+                              f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    model.tie_weights()
+    model = model.to(device).eval()
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    if keep_packed and not packed:
+        warnings.warn(f"keep_packed: {path} has no packed weights (no quantized or pruned linears); it loads "
+                      "as it would without", CompressorWarning, stacklevel=2)
+    if not keep_packed and packed:
+        try:
+            unpack_weights(model, model.dtype)
+        except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
+            if not isinstance(error, (MemoryError, torch.OutOfMemoryError)) \
+                    and "can't allocate memory" not in str(error):  # the CPU allocator's message
+                raise
+            need = sum(m.unpacked_bytes(model.dtype) for m in packed)
+            raise CompressorError(f"{path}: unpacking the quantized and pruned weights needs {need / 1e6:.0f} MB "
+                                  f"more on {device}, which it does not have; load with keep_packed=True (`compress "
+                                  "eval --keep-packed`) to run from the packed weights (less memory, slower)") from None
+    return model
+
+
+def build(path: str | Path) -> PreTrainedModel:
+    """The checkpoint's model with its runtime modules in place and weights not yet loaded (under
+    `torch.device("meta")`, shapes only)."""
     cc = read_compression_config(path)
     if cc is None:
         raise CompressorError(f"{path} is not a compressor checkpoint (no compression_config in config.json)")
@@ -76,17 +112,19 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> PreTrainedMode
             parent = model.get_submodule(parent_name)
             module = RUNTIME_MODULES[runtime["class"]](runtime, getattr(parent, child, None), dtype)
             setattr(parent, child, module)
-    state = {}
-    for shard in sorted(Path(path).glob("*.safetensors")):
-        state.update(load_file(shard))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(model._tied_weights_keys or {}) if model.config.tie_word_embeddings else set()
-    if unexpected or set(missing) - tied:
-        raise CompressorError(f"{path}: weights do not match the model its config describes "
-                              f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
-    model.tie_weights()
     model.compression_config = cc
-    return model.to(device).eval()
+    return model
+
+
+def memory_bytes(path: str | Path) -> dict[str, int]:
+    """The bytes a loaded checkpoint's parameters and buffers take: `packed` (keep_packed=True) and `unpacked`
+    (the default on a CPU: packed plus each quantized or pruned linear's dense weight), from the shapes alone."""
+    with torch.device("meta"):
+        model = build(path)
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}.values()
+    packed = sum(t.numel() * t.element_size() for t in tensors)
+    extra = sum(m.unpacked_bytes(model.dtype) for m in model.modules() if isinstance(m, PackedLinear))
+    return {"packed": packed, "unpacked": packed + extra}
 
 
 def linear_bits_per_weight(compression_config: dict) -> float | None:

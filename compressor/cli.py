@@ -90,6 +90,8 @@ def run(recipe: str, overwrite: bool, json_path: str | None, threads: int | None
     click.echo(f"compressed in {report['compress_wall_s']} s on {threads} thread{'s' * (threads > 1)}, "
                f"peak RSS {memory['peak_rss_mb']:.0f} MB; "
                f"checkpoint: {report['output']}")
+    click.echo(f"run it from Python: model = compressor.load({report['output']!r}) (a transformers model: "
+               "forward, generate); `compress info` says what it holds")
     report_path = Path(report["output"]) / "compress_report.json"
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     if json_path:
@@ -105,20 +107,25 @@ def run(recipe: str, overwrite: bool, json_path: str | None, threads: int | None
               help="bundled:wikileads (its eval split), or a .txt/.jsonl file or saved dataset.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the JSON here.")
+@click.option("--keep-packed", is_flag=True, help="Run a checkpoint's quantized and pruned linears from their "
+              "packed form, rebuilding each weight on every call (less memory, slower).")
 @_threads_option
 def eval_(model: str, windows: int | None, seqlen: int, dataset: str, device: str, json_path: str | None,
-          threads: int | None) -> None:
+          keep_packed: bool, threads: int | None) -> None:
     """Perplexity of MODEL (bundled:NAME, folder, .gguf, hub id or checkpoint) by protocol v1."""
     from compressor.api import evaluate
 
     _set_threads(threads)
-    report = {"model": model, **evaluate(model, dataset=dataset, seqlen=seqlen, windows=windows, device=device)}
+    report = {"model": model, **evaluate(model, dataset=dataset, seqlen=seqlen, windows=windows, device=device,
+                                         keep_packed=keep_packed)}
     rows = [["perplexity", f"{report['ppl']:.3f}"], ["protocol", _protocol(report)],
             *([label, f"{report[key]:,}"] for key, label in PARAMETER_ROWS),
             ["weights on disk", _mb(report["bytes_on_disk"])],
             ["bits per weight (quantized linears)", _bits(report["linear_bits_per_weight"])],
             ["wall time", f"{report['eval_wall_s']} s"],
-            ["peak RSS", f"{report['peak_rss_mb']:.0f} MB"], ["device", report["device"]],
+            ["peak RSS", f"{report['peak_rss_mb']:.0f} MB"],
+            ["quantized and pruned linears", "kept packed" if keep_packed else "unpacked where packed"],
+            ["device", report["device"]],
             ["threads", report["threads"]]]
     click.echo(tabulate(rows, tablefmt="github", headers=[model, ""]))
     text = json.dumps(report, indent=2)
@@ -132,7 +139,7 @@ def eval_(model: str, windows: int | None, seqlen: int, dataset: str, device: st
 @click.option("--modules", is_flag=True, help="List every compressed module.")
 def info(checkpoint: str, modules: bool) -> None:
     """Summarise what was done to which modules of CHECKPOINT."""
-    from compressor.checkpoint import linear_bits_per_weight, weight_bytes
+    from compressor.checkpoint import linear_bits_per_weight, memory_bytes, weight_bytes
     from compressor.checkpoint_format import read_compression_config
 
     cc = read_compression_config(checkpoint) if Path(checkpoint).is_dir() else None
@@ -140,10 +147,20 @@ def info(checkpoint: str, modules: bool) -> None:
         raise CompressorError(f"{checkpoint} is not a compressor checkpoint folder (no compression_config "
                               "in config.json)")
     recipe = cc["recipe"]
+    memory = memory_bytes(checkpoint)
     click.echo(f"checkpoint: {checkpoint}\nsource model: {cc['source']}\ndtype: {recipe['dtype']}\n"
                f"weights on disk: {_mb(weight_bytes(checkpoint))}\n"
+               f"weights in memory when loaded: {_mb(memory['unpacked'])} (the default: quantized and pruned "
+               f"linears unpacked), {_mb(memory['packed'])} with keep_packed\n"
                f"bits per weight of the quantized linears: {_bits(linear_bits_per_weight(cc))}\n"
                f"versions: {', '.join(f'{k} {v}' for k, v in cc['versions'].items())}")
+    run_report = Path(checkpoint) / "compress_report.json"
+    if run_report.is_file():
+        report = json.loads(run_report.read_text())
+        click.echo(f"compressed in {report['compress_wall_s']} s on {report['threads']} threads, "
+                   f"peak RSS {report['compress_memory']['peak_rss_mb']:.0f} MB"
+                   + (f"; evaluated after with peak RSS {report['after']['peak_rss_mb']:.0f} MB"
+                      if "peak_rss_mb" in report.get("after", {}) else ""))
     if "parameters" in cc:
         for key, label in PARAMETER_ROWS:
             dense, now = cc["parameters"]["dense"][key], cc["parameters"]["compressed"][key]

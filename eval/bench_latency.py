@@ -1,28 +1,31 @@
-"""Forward latency on this machine's CPU: a dense model against compressed checkpoints.
+"""Forward latency and memory on this machine's CPU: a dense model against compressed checkpoints.
 
-    python eval/bench_latency.py bundled:smollm2-135m out/smollm2-135m-slice25 [more checkpoints]
+    python eval/bench_latency.py bundled:smollm2-135m out/w4 out/wanda-2of4 [...] [--threads 1 2]
 
-For each model and batch size (1 and 8), times a forward pass over `--tokens` tokens per sequence
-(prefill) and one decoding step with a KV cache of that length: median of `--repeats` runs after
-one warm-up. Each (model, batch) runs in a fresh process: in one shared process, the time of the
-KV cache's concatenations varied up to 4x from model to model and decided the decode numbers.
-Appends to eval/results/latency.json and rewrites latency.md.
+For each model, mode (`default`: quantized and pruned linears unpacked at load, as `compressor.load` gives
+them; `packed`: `keep_packed=True`, each weight rebuilt on every call) and thread count, one fresh process
+times at batch 1 a forward over a prompt of each `--prompts` length (prefill) and one decoding step with a
+KV cache of the first prompt length, and another process the same decoding step at batch 8: median of the
+repeats after one warm-up. A fresh process per measurement keeps them apart (in one shared process the KV
+cache's concatenations varied up to 4x from model to model) and gives each its own peak RSS (loading
+included). Writes eval/results/latency.json and latency.md.
 """
 
 import argparse
 import json
 import multiprocessing
+import platform
+import resource
 import statistics
+import subprocess
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 
-from compressor.api import open_model
-from compressor.runtime import count_parameters
-
 ROOT = Path(__file__).resolve().parents[1]
+MODES = ("default", "packed")
 
 
 @torch.no_grad()
@@ -37,63 +40,102 @@ def median_ms(fn, repeats: int) -> float:
 
 
 @torch.no_grad()
-def measure(source: str, batch: int, tokens: int, repeats: int, dense: str) -> dict:
-    model = open_model(source).model.eval()
-    ids = torch.randint(0, model.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(0))
-    prefill = median_ms(lambda: model(input_ids=ids, use_cache=False), repeats)
+def measure(source: str, mode: str, threads: int, batch: int, prompts: list[int], repeats: int) -> dict:
+    """One process's measurements (see the module docstring)."""
+    from compressor.api import open_model
+
+    torch.set_num_threads(threads)
+    model = open_model(source, keep_packed=mode == "packed").model.eval()
+    generator = torch.Generator().manual_seed(0)
+    row = {"model": source, "mode": mode, "threads": threads, "batch": batch}
+    if batch == 1:
+        for tokens in prompts:
+            ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=generator)
+            row[f"prefill_{tokens}_ms"] = median_ms(lambda ids=ids: model(input_ids=ids, use_cache=False),
+                                                    max(3, repeats // 2))
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompts[0]), generator=generator)
     cache = model(input_ids=ids, use_cache=True).past_key_values
-    step_ids = ids[:, -1:]
 
     def decode():
-        model(input_ids=step_ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)
         cache.crop(-1)  # drop the new token again, so every step sees the prompt's cache length
 
-    counts = count_parameters(model)
-    return {"model": source, "dense_model": dense, "batch": batch, "tokens": tokens, "prefill_ms": prefill,
-            "decode_step_ms": median_ms(decode, repeats), "parameters": counts["parameters"],
-            "parameters_without_embeddings": counts["parameters_without_embeddings"]}
+    row["decode_ms"] = median_ms(decode, repeats)
+    row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return row
 
 
-def write(rows: list[dict], stem: Path) -> None:
+def has_packed_weights(source: str) -> bool:
+    from compressor.checkpoint_format import read_compression_config
+
+    cc = read_compression_config(source)
+    return cc is not None and any(r.get("runtime", {}).get("class") in ("QuantLinear", "SparseLinear")
+                                  for records in cc["modules"].values() for r in records)
+
+
+def write(rows: list[dict], prompts: list[int], stem: Path) -> None:
     stem.with_suffix(".json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
-    measured = {(r["model"], r["batch"], r["tokens"]): r for r in rows}
-    lines = ["# latency", "", f"Reproduce: `python eval/bench_latency.py MODEL...`. Machine: {machine()}. "
-             "Median of the repeats after a warm-up; prefill = one forward over the prompt, decode = one token "
-             "with a KV cache of the prompt's length. x dense: against the first model of the same command.", "",
-             "| model | batch | prompt tokens | prefill | x dense | decode step | x dense | params | "
-             "params without embeddings and head |", "|---|---|---|---|---|---|---|---|---|"]
+    merged: dict[tuple, dict] = {}
     for r in rows:
-        d = measured.get((r["dense_model"], r["batch"], r["tokens"]))
-        prefill, decode = (f"{r[k] / d[k]:.2f}" if d else "-" for k in ("prefill_ms", "decode_step_ms"))
-        lines.append(f"| {r['model']} | {r['batch']} | {r['tokens']} | {r['prefill_ms']} ms | {prefill} | "
-                     f"{r['decode_step_ms']} ms | {decode} | {r['parameters']:,} | "
-                     f"{r['parameters_without_embeddings']:,} |")
+        key = (r["model"], r["mode"], r["threads"])
+        entry = merged.setdefault(key, {"model": r["model"], "mode": r["mode"], "threads": r["threads"]})
+        entry.update({k: v for k, v in r.items() if k.startswith("prefill")})
+        entry[f"decode_b{r['batch']}_ms"] = r["decode_ms"]
+        entry["peak_rss_mb"] = max(entry.get("peak_rss_mb", 0), r["peak_rss_mb"])
+    columns = [*(f"prefill_{t}_ms" for t in prompts), "decode_b1_ms", "decode_b8_ms"]
+    labels = [*(f"prefill {t}" for t in prompts), "decode, batch 1", "decode, batch 8"]
+    dense_model = rows[0]["model"] if rows else None
+    lines = ["# latency", "",
+             f"Reproduce: {command()}. Machine: {machine()}. Median of the repeats after a warm-up; prefill = one "
+             f"forward over a prompt of that many tokens at batch 1, decode = one token with a KV cache of "
+             f"{prompts[0]} tokens. Mode default: quantized and pruned linears unpacked at load "
+             "(`compressor.load`); packed: `keep_packed=True`. (x dense): against the dense model at the same "
+             "thread count. Peak RSS: the process's, loading included (the largest of its measurements).", "",
+             "| threads | model | mode | " + " | ".join(labels) + " | peak RSS |",
+             "|---|---|---|" + "---|" * len(labels) + "---|"]
+    for (model, mode, threads), entry in merged.items():
+        dense = merged.get((dense_model, "default", threads), {})
+        cells = []
+        for column in columns:
+            value = entry.get(column)
+            ratio = f" ({value / dense[column]:.2f}x)" if value and dense.get(column) else ""
+            cells.append("-" if value is None else f"{value} ms{ratio}")
+        lines.append(f"| {threads} | {model} | {mode} | " + " | ".join(cells) + f" | {entry['peak_rss_mb']} MB |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 def machine() -> str:
-    import platform
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else ""
+    return f"{cpu}, torch {torch.__version__}, float32, CPU"
 
-    return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, float32, CPU"
+
+def command() -> str:
+    import sys
+
+    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()
+    return f"`python eval/bench_latency.py {' '.join(sys.argv[1:])}` at commit {commit}, {time.strftime('%Y-%m-%d')}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", help="the dense source first, then checkpoints")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--prompts", type=int, nargs="+", default=[128, 512], help="prefill lengths; the first "
+                        "is also the decode step's KV cache length")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
-    stem = ROOT / "eval" / "results" / "latency"
-    rows = json.loads(stem.with_suffix(".json").read_text())["rows"] if stem.with_suffix(".json").exists() else []
-    for model in args.models:
-        for batch in args.batches:
-            rows = [r for r in rows if (r["model"], r["batch"], r["tokens"]) != (model, batch, args.tokens)]
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh_process:
-                rows.append(fresh_process.submit(measure, model, batch, args.tokens, args.repeats,
-                                                 dense=args.models[0]).result())
-            print(rows[-1], flush=True)
-            write(rows, stem)
+    rows = []
+    for threads in args.threads:
+        for model in args.models:
+            for mode in MODES if has_packed_weights(model) else MODES[:1]:
+                for batch in (1, 8):
+                    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh_process:
+                        rows.append(fresh_process.submit(measure, model, mode, threads, batch, args.prompts,
+                                                         args.repeats).result())
+                    print(rows[-1], flush=True)
+                    write(rows, args.prompts, ROOT / "eval" / "results" / "latency")
 
 
 if __name__ == "__main__":

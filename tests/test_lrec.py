@@ -34,7 +34,7 @@ def test_w2_with_lrec_checkpoint_round_trip(llama_dir, corpus, tmp_path):
     bits = sum(o * i * 2 + o * (i // 32) * 24 + 8 * (i + o) * 16 for i, o in shapes)
     assert report["linear_bits_per_weight"] == pytest.approx(bits / sum(i * o for i, o in shapes), rel=1e-3)
     ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
-    loaded = compressor.load(out)
+    loaded = compressor.load(out, keep_packed=True)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
 
@@ -85,8 +85,8 @@ def test_refinement_lowers_the_layer_output_error_and_round_trips(llama_dir, cor
     assert q.lora_a.dtype == torch.float16 and "forward" not in q.__dict__
     ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        torch.testing.assert_close(compressor.load(out)(input_ids=ids).logits, model(input_ids=ids).logits,
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(compressor.load(out, keep_packed=True)(input_ids=ids).logits,
+                                   model(input_ids=ids).logits, rtol=0, atol=0)
 
 
 def test_refinement_that_moves_nothing_records_the_same_error_before_and_after(llama_dir, corpus):
@@ -246,8 +246,8 @@ def test_refining_scales_keeps_codes_and_zeros_and_round_trips(llama_dir, corpus
     assert record["scales"] and record["relative_error_last"] < 0.9 * record["relative_error_first"]
     ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        torch.testing.assert_close(compressor.load(out)(input_ids=ids).logits, refined(input_ids=ids).logits,
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(compressor.load(out, keep_packed=True)(input_ids=ids).logits,
+                                   refined(input_ids=ids).logits, rtol=0, atol=0)
 
 
 def test_alternation_moves_an_outlier_direction_into_the_factors():
@@ -282,8 +282,8 @@ def test_alternating_round_trips_and_never_does_worse(llama_dir, corpus, tmp_pat
         assert kept[1] <= kept[0] + 1e-9  # the best round is kept, and round 0 is the plain fit
     ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(compressor.load(out)(input_ids=ids).logits, alternated(input_ids=ids).logits,
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(compressor.load(out, keep_packed=True)(input_ids=ids).logits,
+                                   alternated(input_ids=ids).logits, rtol=0, atol=0)
 
 
 def test_alternating_keeps_pruned_weights_zero(llama_dir, corpus):
@@ -313,8 +313,8 @@ def test_integer_factors_buy_more_rank_and_round_trip(llama_dir, corpus, tmp_pat
     assert q.lora_a.dtype == q.lora_b.dtype == dtype and q.lora_a_scale.dtype == torch.float32
     ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(compressor.load(out)(input_ids=ids).logits, model(input_ids=ids).logits,
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(compressor.load(out, keep_packed=True)(input_ids=ids).logits,
+                                   model(input_ids=ids).logits, rtol=0, atol=0)
 
 
 def test_int8_factors_cost_almost_nothing_over_float16_at_the_same_rank(llama_dir, corpus):

@@ -1,6 +1,7 @@
 """Runtime modules that compressed checkpoints are rebuilt from: class name -> builder(config, old, dtype)."""
 
 from compressor.nn.low_rank_linear import LowRankLinear
+from compressor.nn.packed import PackedLinear, unpack_weights
 from compressor.nn.quant_linear import QuantLinear
 from compressor.nn.sliced import RMSNormOverWidth, Rotation, resize, sliced_layer
 from compressor.nn.sparse_linear import SparseLinear
@@ -9,5 +10,5 @@ RUNTIME_MODULES = {cls.__name__: cls.from_runtime_config
                    for cls in (QuantLinear, SparseLinear, LowRankLinear, RMSNormOverWidth, Rotation)}
 RUNTIME_MODULES |= {"Resized": resize, "SlicedLayer": sliced_layer}
 
-__all__ = ["RUNTIME_MODULES", "LowRankLinear", "QuantLinear", "RMSNormOverWidth", "Rotation",
-           "SparseLinear"]
+__all__ = ["RUNTIME_MODULES", "LowRankLinear", "PackedLinear", "QuantLinear", "RMSNormOverWidth", "Rotation",
+           "SparseLinear", "unpack_weights"]

@@ -5,15 +5,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressor.formats import bits_per_weight, dequantize, low_rank_bits, packed_words, unpack
+from compressor.nn.packed import PackedLinear
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(PackedLinear):
     """y = x dequant(qweight)^T + (x A) B + bias, the low-rank term only when rank > 0 (LREC factors
     A [in, rank], B [rank, out], stored in the scales' dtype, or with factor_bits 8 as int8 codes times a
     float32 scale per rank: A = lora_a * lora_a_scale[None, :], B = lora_b * lora_b_scale[:, None]; with
     factor_bits 4 the codes + 8 are packed as compressor/formats.py packs 4-bit weights, A^T's rows in
     lora_a [rank, words(in)] and B's in lora_b [rank, words(out)]).
-    The PyTorch reference forward dequantizes, then matmuls."""
+    On a CUDA GPU, 2- and 4-bit codes with float16/bfloat16 inputs run on the kernels in cuda/ (packed), with
+    the factors added after. Elsewhere the weight is rebuilt (PackedLinear): packed, x dequant(W)^T + (x A) B
+    on every call; unpacked, the factors are folded in once, W' = dequant(W) + (A B)^T, and each call is the
+    one dense matmul x W'^T (equal to the packed result up to float rounding)."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False,
                  scale_dtype: torch.dtype = torch.float16, dtype: torch.dtype = torch.float32, rank: int = 0,
@@ -71,7 +75,16 @@ class QuantLinear(nn.Module):
         dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
         return dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features, dtype)
 
+    def runtime_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """dequant(W) + (A B)^T [out, in] in `dtype` (the factors folded in, in float32 first)."""
+        if not self.rank:
+            return self.weight_dequantized(dtype)
+        a, b = self.low_rank_factors(torch.float32)
+        return (self.weight_dequantized(torch.float32) + (a @ b).T).to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.unpacked:
+            return F.linear(x, self.weight_for(x), self.bias)
         y = self._kernel_forward(x) if x.is_cuda else None
         if y is None:
             y = F.linear(x, self.weight_dequantized(x.dtype), self.bias)
@@ -81,6 +94,14 @@ class QuantLinear(nn.Module):
             a, b = self.low_rank_factors(x.dtype)
             y = y + (x @ a) @ b
         return y
+
+    def has_kernel(self, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether calls with `dtype` inputs on `device` run on the CUDA kernels (which read the packed codes)."""
+        from compressor import kernels
+
+        return device.type == "cuda" and kernels.supports(self.bits, self.group_size, self.in_features,
+                                                          torch.empty(0, dtype=dtype)) \
+            and kernels.extension() is not None
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """x dequant(W)^T through the CUDA kernels (compressor/kernels.py), or None to use the reference."""

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressor.formats import pack, packed_words, unpack
+from compressor.nn.packed import PackedLinear
 
 
 def index_bits(m: int) -> int:
@@ -32,8 +33,8 @@ def unpack_mask(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     return bits.reshape(packed.shape[0], -1)[:, :in_features].bool()
 
 
-class SparseLinear(nn.Module):
-    """y = x W^T + bias with W rebuilt from its kept values (PyTorch reference forward)."""
+class SparseLinear(PackedLinear):
+    """y = x W^T + bias with W rebuilt from its kept values (PackedLinear: on every call, or once)."""
 
     def __init__(self, in_features: int, out_features: int, pattern: str, nnz: int = 0, bias: bool = False,
                  dtype: torch.dtype = torch.float32):
@@ -91,7 +92,10 @@ class SparseLinear(nn.Module):
         if semi is not None and x.is_cuda and x.dtype == semi.dtype:
             y = F.linear(x.reshape(-1, self.in_features), semi).reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias.to(x.dtype)
-        return F.linear(x, self.weight_dense(x.dtype), self.bias)
+        return F.linear(x, self.weight_for(x), self.bias)
+
+    def runtime_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight_dense(dtype)
 
     def use_semi_structured(self) -> bool:
         """Hold a 2:4 weight as PyTorch's semi-structured sparse tensor, so that forward runs on the sparse
@@ -104,6 +108,7 @@ class SparseLinear(nn.Module):
         from torch.sparse import to_sparse_semi_structured
 
         self.__dict__["semi_structured"] = to_sparse_semi_structured(self.weight_dense())
+        self.pack()  # the semi-structured tensor replaces the unpacked weight
         return True
 
     def weight_counts(self) -> tuple[int, int]:
