@@ -1,5 +1,6 @@
 """The Python API: compress, load, evaluate; and `run`, the whole job behind `compress run`."""
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from compressor.evaluate import perplexity
 from compressor.models import LoadedModel, adapter_for, load_model
 from compressor.nn import SparseLinear
 from compressor.passes.prune import store_sparse
-from compressor.recipe import Recipe, load_recipe
+from compressor.recipe import Perplexity, Recipe, load_recipe
 from compressor.runtime import count_parameters, peak_memory, resolve_device, warn_if_slow_dtype
 
 
@@ -120,13 +121,21 @@ def evaluate(model: "PreTrainedModel | str", tokenizer: PreTrainedTokenizerBase 
     return report
 
 
-def run(recipe_path: "str | Path | dict", overwrite: bool = False, progress: bool = True) -> dict:
-    """`compress run`: load, evaluate before (if asked), compress, save, re-load, evaluate after."""
+def run(recipe_path: "str | Path | dict", overwrite: bool = False, progress: bool = True,
+        windows: int | None = None, no_eval: bool = False) -> dict:
+    """`compress run`: load, evaluate before (if asked), compress, save, re-load, evaluate after.
+    `windows` evaluates on the first N windows whatever the recipe says (its dataset and seqlen, or the
+    defaults); `no_eval` skips both evaluations."""
     recipe = load_recipe(recipe_path)
     if recipe.output is None:
         raise CompressorError(f"{recipe.source}: output: missing; `compress run` writes a checkpoint")
+    if windows is not None and no_eval:
+        raise CompressorError("give --windows N (evaluate on the first N windows) or --no-eval (no evaluation), "
+                              "not both")
     checkpoint.check_output(recipe.output, overwrite)
-    ev = recipe.evaluate
+    ev = None if no_eval else recipe.evaluate
+    if windows is not None:
+        ev = dataclasses.replace(ev or Perplexity(), windows=windows)
     loaded = load_model(recipe.model, recipe.dtype)
     plan(loaded.model, loaded.adapter, recipe.passes)
     report: dict = {"model": recipe.model, "recipe": recipe.source, "output": recipe.output}

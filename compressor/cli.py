@@ -68,13 +68,19 @@ def main() -> None:
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the report here.")
+@click.option("--windows", type=click.IntRange(min=1), help="Evaluate before and after on the first N windows, "
+              "whatever the recipe's `evaluate` says (a quick run, labelled windows=N).")
+@click.option("--no-eval", is_flag=True, help="Skip the evaluations before and after, whatever the recipe says.")
 @_threads_option
-def run(recipe: str, overwrite: bool, json_path: str | None, threads: int | None) -> None:
+def run(recipe: str, overwrite: bool, json_path: str | None, windows: int | None, no_eval: bool,
+        threads: int | None) -> None:
     """Compress a model by RECIPE (YAML) and save the checkpoint; evaluate before/after if it asks."""
+    if not Path(recipe).is_file():  # before the heavy imports: an error in well under a second
+        raise CompressorError(f"recipe file not found: {recipe}")
     from compressor.api import run as run_recipe
 
     _set_threads(threads)
-    report = run_recipe(recipe, overwrite=overwrite)
+    report = run_recipe(recipe, overwrite=overwrite, windows=windows, no_eval=no_eval)
     before, after = report["before"], report["after"]
     rows = []
     if "ppl" in before:
@@ -128,10 +134,8 @@ def eval_(model: str, windows: int | None, seqlen: int, dataset: str, device: st
             ["device", report["device"]],
             ["threads", report["threads"]]]
     click.echo(tabulate(rows, tablefmt="github", headers=[model, ""]))
-    text = json.dumps(report, indent=2)
-    click.echo(text)
     if json_path:
-        Path(json_path).write_text(text + "\n")
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
 
 
 @main.command(cls=_Command)

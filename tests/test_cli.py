@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -47,10 +49,30 @@ def test_run_info_and_eval_end_to_end(llama_dir, corpus, tmp_path, keep_threads)
     assert "wanda" in result.output and "magnitude" in result.output
     assert "model.layers.2.mlp.down_proj" in result.output
 
-    result = invoke("eval", out, "--dataset", corpus, "--seqlen", 64, "--windows", 2)
+    result = invoke("eval", out, "--dataset", corpus, "--seqlen", 64, "--windows", 2, "--json", tmp_path / "e.json")
     assert result.exit_code == 0, result.output
-    payload = json.loads(result.output[result.output.index("{"):])
+    assert "perplexity" in result.output and "{" not in result.output  # the table; JSON only where asked
+    payload = json.loads((tmp_path / "e.json").read_text())
     assert payload["windows"] == 2 and payload["ppl"] == pytest.approx(report["after"]["ppl"], rel=0.5)
+
+
+def test_run_windows_and_no_eval_override_the_recipe(llama_dir, corpus, tmp_path, keep_threads):
+    recipe = recipe_dict(llama_dir, corpus, [{"magnitude": {"sparsity": 0.5}}], tmp_path / "out",
+                         evaluate={"perplexity": {"dataset": str(corpus), "seqlen": 64, "windows": 4}})
+    path = write_recipe(tmp_path, recipe)
+    result = invoke("run", path, "--windows", 2)
+    assert result.exit_code == 0, result.output
+    assert "windows=2" in result.output
+    result = invoke("run", path, "--no-eval", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert "perplexity" not in result.output and "nonzero parameters" in result.output
+    result = invoke("run", path, "--no-eval", "--windows", 2, "--overwrite")
+    assert result.exit_code == 2 and "not both" in result.output
+
+
+def test_help_answers_without_loading_torch():
+    code = "import sys; from compressor.cli import main; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 BAD_RECIPES = {
