@@ -8,7 +8,10 @@ times at batch 1 a forward over a prompt of each `--prompts` length (prefill) an
 KV cache of the first prompt length, and another process the same decoding step at batch 8: median of the
 repeats after one warm-up. A fresh process per measurement keeps them apart (in one shared process the KV
 cache's concatenations varied up to 4x from model to model) and gives each its own peak RSS (loading
-included). Writes eval/results/latency.json and latency.md.
+included). With `--eval-windows N`, each model and mode is also evaluated by `compress eval --windows N` in
+its own process (wall time, peak RSS, perplexity); `--no-latency` skips the latency runs. Rows measured
+again replace the old ones in eval/results/latency.json (which keeps the command of each run); latency.md
+is rewritten from it.
 """
 
 import argparse
@@ -18,6 +21,8 @@ import platform
 import resource
 import statistics
 import subprocess
+import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -65,6 +70,30 @@ def measure(source: str, mode: str, threads: int, batch: int, prompts: list[int]
     return row
 
 
+def measure_eval(source: str, mode: str, threads: int, windows: int) -> dict:
+    """`compress eval` of `source` on the first `windows` windows, in its own process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "eval.json"
+        subprocess.run([sys.executable, "-m", "compressor.cli", "eval", source, "--windows", str(windows),
+                        "--threads", str(threads), "--json", str(report), *(["--keep-packed"] * (mode == "packed"))],
+                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        r = json.loads(report.read_text())
+    return {"model": source, "mode": mode, "threads": threads, "windows": windows, "eval_wall_s": r["eval_wall_s"],
+            "peak_rss_mb": round(r["peak_rss_mb"]), "ppl": round(r["ppl"], 4)}
+
+
+def describe(source: str) -> str:
+    """`source`, and for a checkpoint its recipe's passes as written: "out/w4 (rtn bits=4 group_size=64)"."""
+    from compressor.checkpoint_format import read_compression_config
+
+    cc = read_compression_config(source)
+    if cc is None:
+        return source
+    passes = [f"{name} " + " ".join(f"{k}={v}" for k, v in params.items() if k not in ("targets", "ignore"))
+              for spec in cc["recipe_as_written"]["passes"] for name, params in spec.items()]
+    return f"{source} ({'; '.join(passes)})"
+
+
 def has_packed_weights(source: str) -> bool:
     from compressor.checkpoint_format import read_compression_config
 
@@ -73,8 +102,9 @@ def has_packed_weights(source: str) -> bool:
                                   for records in cc["modules"].values() for r in records)
 
 
-def write(rows: list[dict], prompts: list[int], stem: Path) -> None:
-    stem.with_suffix(".json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
+def write(rows: list[dict], eval_rows: list[dict], commands: list[str], prompts: list[int], stem: Path) -> None:
+    stem.with_suffix(".json").write_text(json.dumps({"machine": machine(), "commands": commands, "rows": rows,
+                                                     "eval_rows": eval_rows}, indent=2) + "\n")
     merged: dict[tuple, dict] = {}
     for r in rows:
         key = (r["model"], r["mode"], r["threads"])
@@ -84,11 +114,12 @@ def write(rows: list[dict], prompts: list[int], stem: Path) -> None:
         entry["peak_rss_mb"] = max(entry.get("peak_rss_mb", 0), r["peak_rss_mb"])
     columns = [*(f"prefill_{t}_ms" for t in prompts), "decode_b1_ms", "decode_b8_ms"]
     labels = [*(f"prefill {t}" for t in prompts), "decode, batch 1", "decode, batch 8"]
-    dense_model = rows[0]["model"] if rows else None
+    dense_model = (rows or eval_rows)[0]["model"] if rows or eval_rows else None
     lines = ["# latency", "",
-             f"Reproduce: {command()}. Machine: {machine()}. Median of the repeats after a warm-up; prefill = one "
-             f"forward over a prompt of that many tokens at batch 1, decode = one token with a KV cache of "
-             f"{prompts[0]} tokens. Mode default: quantized and pruned linears unpacked at load "
+             f"Reproduce: {'; '.join(commands)}. Machine: {machine()}. Median of the repeats after a warm-up; "
+             "prefill = one forward over a prompt of that many tokens at batch 1, decode = one token with a KV "
+             f"cache of {prompts[0]} tokens. Beside each checkpoint: its recipe's passes as written. Mode default: "
+             "quantized and pruned linears unpacked at load "
              "(`compressor.load`); packed: `keep_packed=True`. (x dense): against the dense model at the same "
              "thread count. Peak RSS: the process's, loading included (the largest of its measurements).", "",
              "| threads | model | mode | " + " | ".join(labels) + " | peak RSS |",
@@ -100,7 +131,19 @@ def write(rows: list[dict], prompts: list[int], stem: Path) -> None:
             value = entry.get(column)
             ratio = f" ({value / dense[column]:.2f}x)" if value and dense.get(column) else ""
             cells.append("-" if value is None else f"{value} ms{ratio}")
-        lines.append(f"| {threads} | {model} | {mode} | " + " | ".join(cells) + f" | {entry['peak_rss_mb']} MB |")
+        lines.append(f"| {threads} | {describe(model)} | {mode} | " + " | ".join(cells)
+                     + f" | {entry['peak_rss_mb']} MB |")
+    if eval_rows:
+        lines += ["", "`compress eval` of each model (perplexity by protocol v1 on the first windows only), in its "
+                  "own process:", "",
+                  "| threads | model | mode | windows | wall time | x dense | peak RSS | perplexity |",
+                  "|---|---|---|---|---|---|---|---|"]
+        dense = {(r["threads"], r["windows"]): r for r in eval_rows if r["model"] == dense_model}
+        for r in eval_rows:
+            base = dense.get((r["threads"], r["windows"]))
+            ratio = f"{r['eval_wall_s'] / base['eval_wall_s']:.2f}" if base else "-"
+            lines.append(f"| {r['threads']} | {describe(r['model'])} | {r['mode']} | {r['windows']} | "
+                         f"{r['eval_wall_s']} s | {ratio} | {r['peak_rss_mb']} MB | {r['ppl']} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -111,8 +154,6 @@ def machine() -> str:
 
 
 def command() -> str:
-    import sys
-
     commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
     return f"`python eval/bench_latency.py {' '.join(sys.argv[1:])}` at commit {commit}, {time.strftime('%Y-%m-%d')}"
@@ -125,17 +166,31 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, nargs="+", default=[128, 512], help="prefill lengths; the first "
                         "is also the decode step's KV cache length")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--eval-windows", type=int, help="also time `compress eval --windows N` of each model")
+    parser.add_argument("--no-latency", action="store_true", help="skip the prefill and decode measurements")
     args = parser.parse_args()
-    rows = []
+    stem = ROOT / "eval" / "results" / "latency"
+    old = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else {}
+    rows, commands = old.get("rows", []), [*old.get("commands", []), command()]
+    eval_rows = old.get("eval_rows", [])
     for threads in args.threads:
         for model in args.models:
             for mode in MODES if has_packed_weights(model) else MODES[:1]:
-                for batch in (1, 8):
+                if args.eval_windows:
+                    row = measure_eval(model, mode, threads, args.eval_windows)
+                    key = [row[k] for k in ("model", "mode", "threads", "windows")]
+                    eval_rows = [r for r in eval_rows if [r[k] for k in ("model", "mode", "threads", "windows")]
+                                 != key] + [row]
+                    print(row, flush=True)
+                    write(rows, eval_rows, commands, args.prompts, stem)
+                for batch in () if args.no_latency else (1, 8):
                     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh_process:
-                        rows.append(fresh_process.submit(measure, model, mode, threads, batch, args.prompts,
-                                                         args.repeats).result())
-                    print(rows[-1], flush=True)
-                    write(rows, args.prompts, ROOT / "eval" / "results" / "latency")
+                        row = fresh_process.submit(measure, model, mode, threads, batch, args.prompts,
+                                                   args.repeats).result()
+                    key = [row[k] for k in ("model", "mode", "threads", "batch")]
+                    rows = [r for r in rows if [r[k] for k in ("model", "mode", "threads", "batch")] != key] + [row]
+                    print(row, flush=True)
+                    write(rows, eval_rows, commands, args.prompts, stem)
 
 
 if __name__ == "__main__":
