@@ -16,6 +16,7 @@ of the already compressed layer i.
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -97,18 +98,19 @@ def compress_model(model: PreTrainedModel, adapter: Adapter, passes: list[Pass],
         outputs = None  # the compressed layer's outputs, when the last pass to change it computed them
         for k, (p, per_layer) in enumerate(zip(passes, targets, strict=True)):
             start = time.perf_counter()
+            bar.set_description(f"layer {i + 1}/{len(layers)} {p.name}")
             if isinstance(p, LayerPass):
-                ctx = LayerContext(model, adapter, i, layer, hidden, kwargs, device, per_layer[i], state)
+                ctx = LayerContext(model, adapter, i, layer, hidden, kwargs, device, per_layer[i], state,
+                                   progress=bar.set_postfix_str)
                 hidden, done, outputs = p.apply_layer(ctx, runs[k])
                 for name, record in done.items():
                     records[name].append(record)
             else:
                 outputs = None
                 for name, record in apply_linear_pass(p, model, i, layer, hidden, kwargs, device, per_layer[i],
-                                                      state):
+                                                      state, progress=bar.set_postfix_str):
                     records[name].append(record)
-            bar.set_description(f"layer {i + 1}/{len(layers)} {p.name}")
-            bar.set_postfix_str(f"{time.perf_counter() - start:.1f}s")
+            bar.set_postfix_str(f"{p.name} took {time.perf_counter() - start:.1f}s")
             bar.update()
         if needs_data and i + 1 < len(layers):
             hidden = outputs if outputs is not None else [run_layer(layer, h, kwargs, device) for h in hidden]
@@ -121,8 +123,8 @@ def compress_model(model: PreTrainedModel, adapter: Adapter, passes: list[Pass],
 
 
 def apply_linear_pass(p: Pass, model: PreTrainedModel, index: int, layer: nn.Module, hidden: list[torch.Tensor],
-                      kwargs: dict, device: torch.device, names: list[str], state: LayerState
-                      ) -> list[tuple[str, dict]]:
+                      kwargs: dict, device: torch.device, names: list[str], state: LayerState,
+                      progress: Callable[[str], None] = lambda text: None) -> list[tuple[str, dict]]:
     """Collect the statistics pass `p` needs on decoder layer `index`, then compress each of its target
     linears (`names`) in place, handing on what later passes need through `state`; return (name, record)
     for each."""
@@ -131,7 +133,8 @@ def apply_linear_pass(p: Pass, model: PreTrainedModel, index: int, layer: nn.Mod
         stats = collect_stats(layer, linears, hidden, kwargs, p.stats, device,
                               getattr(p, "sink_weight", 1.0)) if p.stats else {}
         done = []
-        for name, linear in linears.items():
+        for k, (name, linear) in enumerate(linears.items()):
+            progress(f"{k + 1}/{len(linears)} {name.rpartition('.')[2]}")
             module, record = p.apply(name, linear, stats.pop(name, None), state)
             if module is not linear:
                 model.set_submodule(name, module)

@@ -413,3 +413,29 @@ def test_refinement_trains_integer_factors_as_they_are_stored():
     with torch.no_grad():
         torch.testing.assert_close(trained.detach(), q(x), rtol=0, atol=1e-5)
         assert not torch.allclose(trained, F.linear(x, q.weight_dequantized()) + x @ a @ b, atol=1e-3)
+
+
+def test_long_steps_show_their_progress(llama_dir, corpus, monkeypatch):
+    shown = []
+
+    class Bar:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def set_postfix_str(self, text):
+            shown.append(text)
+
+        def set_description(self, text):
+            pass
+
+        def update(self):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr("compressor.engine.tqdm", Bar)
+    passes = [{"rtn": {"bits": 2, "group_size": 32}}, {"lrec": {"rank": 4}}, {"lrec_refine": {"steps": 3}}]
+    compressor.compress(recipe_dict(llama_dir, corpus, passes), progress=False)
+    assert "7/7 down_proj" in shown  # each linear of a linear pass
+    assert any(text.startswith("step 3/3, loss ") for text in shown)  # each refinement step

@@ -73,6 +73,7 @@ class LayerContext:
     device: torch.device
     names: list[str]  # the linears the plan chose in this layer
     state: LayerState
+    progress: Callable[[str], None] = lambda text: None  # shows how far a long step has got (the progress bar)
 
 
 @dataclass

@@ -31,7 +31,7 @@ from compressor.nn import QuantLinear
 from compressor.passes.base import LayerState, ParamError, Pass, check_sink_weight
 from compressor.passes.factors import round_factors, store_factors
 from compressor.passes.hessian import check_damp, inverse_hessian_cholesky, output_error
-from compressor.passes.svd import split_factors, whitened_svd
+from compressor.passes.svd import split_factors, whitened_svd, whitening
 from compressor.passes.sweep import Ahead, sweep_columns
 
 DEFAULT_RANK = 32
@@ -154,8 +154,9 @@ class LREC(Pass):
         before = output_error(error, H)
         best = None  # (output error, the state of q that gave it): a round that does worse is not kept
         basis = hessian if self.whiten else None  # None: plain SVD, plain Frobenius error
+        whitened = whitening(hessian, self.damp) if self.whiten else None  # H's eigenbasis: once, not per round
         for step in range(self.alternate + 1):
-            factors = split_factors(*whitened_svd(error.T, basis, self.damp), rank)
+            factors = split_factors(*whitened_svd(error.T, basis, self.damp, whitened), rank)
             if self.factor_bits < 16:
                 factors = fit_integer_factors(*factors, error, basis, self.factor_bits, self.damp)
             store_factors(q, *factors, self.factor_bits)

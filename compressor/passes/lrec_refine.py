@@ -58,6 +58,7 @@ linear needs no LREC factors to be refined.
 
 import copy
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -145,7 +146,9 @@ class LRECRefine(LayerPass):
         readout = next_norm(model, adapter, index).to(device) if loss == "next_norm" else nn.Identity()
         check = hidden[:CHECK_WINDOWS], targets[:CHECK_WINDOWS], kwargs, device, readout, weight
         before = mean_error(layer, *check)
-        factors, scale_factors, losses = self.fit(layer, linears, hidden, targets, kwargs, device, readout, weight)
+        factors, scale_factors, losses = self.fit(
+            layer, linears, hidden, targets, kwargs, device, readout, weight,
+            on_step=lambda n, loss: ctx.progress(f"step {n}/{self.steps}, loss {loss:.4f}"))
         store(linears, factors, scale_factors)
         after = mean_error(layer, *check)
         window = min(len(hidden), len(losses))  # one pass over the windows, at the start and at the end
@@ -160,9 +163,10 @@ class LRECRefine(LayerPass):
 
     def fit(self, layer: nn.Module, linears: dict[str, QuantLinear], hidden: list[torch.Tensor],
             targets: list[torch.Tensor], kwargs: dict, device: torch.device, readout: nn.Module,
-            weight: torch.Tensor | None, on_step=None) -> tuple[dict, dict, list[float]]:
+            weight: torch.Tensor | None, on_step: Callable[[int, float], None] | None = None
+            ) -> tuple[dict, dict, list[float]]:
         """Train the factors A, B of the linears that have them (with `scales`, a factor on each group's scale)
-        for `steps` Adam steps on relative_error(readout(layer(hidden[j])), readout(targets[j])); `on_step(n)`,
+        for `steps` Adam steps on relative_error(readout(layer(hidden[j])), readout(targets[j])); `on_step(n, loss)`,
         if given, runs after step n. Returns the trained tensors, not yet stored, and each step's loss."""
         factors = {name: tuple(t.requires_grad_() for t in balanced(*q.low_rank_factors()))
                    for name, q in linears.items() if q.rank}
@@ -184,7 +188,7 @@ class LRECRefine(LayerPass):
                     optimizer.step()
                     losses.append(loss.item())
                     if on_step is not None:
-                        on_step(step + 1)
+                        on_step(step + 1, losses[-1])
         finally:
             for q in linears.values():
                 q.__dict__.pop("forward", None)

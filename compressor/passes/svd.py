@@ -10,18 +10,25 @@ Without H (plain SVD) S is the identity and the Frobenius error of M itself is m
 import torch
 
 
+def whitening(hessian: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """H = U diag(lam) U^T -> (U [in, in], sqrt(lam) [in]), float64, with `damp` times the mean eigenvalue
+    added to each, so inputs that calibration never excites stay invertible. S = diag(sqrt(lam)) U^T."""
+    lam, U = torch.linalg.eigh(hessian.double())
+    lam = lam.clamp_min(0) + damp * lam.clamp_min(0).mean()
+    return U, lam.sqrt()
+
+
 def whitened_svd(M: torch.Tensor, hessian: torch.Tensor | None, damp: float = 0.01,
+                 basis: tuple[torch.Tensor, torch.Tensor] | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """M [in, out], hessian [in, in] or None -> (left [in, n], sigma [n], right [n, out]), float64, with
-    M = left diag(sigma) right and sigma descending in the (whitened) output-error norm. `damp` adds that
-    fraction of the mean eigenvalue of H, so inputs that calibration never excites stay invertible."""
+    M = left diag(sigma) right and sigma descending in the (whitened) output-error norm. `basis`: H's
+    `whitening(hessian, damp)` when already computed (several matrices whitened by one H)."""
     M = M.double()
     if hessian is None:
         P, sigma, Qt = torch.linalg.svd(M, full_matrices=False)
         return P, sigma, Qt
-    lam, U = torch.linalg.eigh(hessian.double())
-    lam = lam.clamp_min(0) + damp * lam.clamp_min(0).mean()
-    root = lam.sqrt()
+    U, root = basis or whitening(hessian, damp)
     P, sigma, Qt = torch.linalg.svd(root[:, None] * (U.T @ M), full_matrices=False)
     return U @ (P / root[:, None]), sigma, Qt
 

@@ -50,9 +50,11 @@ def sweep_columns(W: torch.Tensor, Hinv: torch.Tensor, rule: ColumnRule, block_s
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]  # [out, b], [b, b]
         Err1 = torch.zeros_like(W1)
         rule.begin_block(i1, W1, Hinv1)
+        ahead = Ahead(W, W1, 0, i2)
         for i in range(i2 - i1):
             w, d = W1[:, i], Hinv1[i, i]
-            q = rule.column(i1 + i, Ahead(W, W1, i, i2))
+            ahead.offset = i
+            q = rule.column(i1 + i, ahead)
             err = (w - q) / d
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             W1[:, i] = q
