@@ -129,8 +129,9 @@ class LRECRefine(LayerPass):
         dense = {model.get_submodule(name): q.dense_weight for name, q in ctx.state.quantized.items()}
         reference = self.reference or adapter.refine_reference
         loss = self.loss or adapter.refine_loss
-        if reference == "model":  # carry the dense model's hidden states on (layer 0: the same inputs)
-            run.dense_hidden = dense_outputs(layer, hidden if index == 0 else run.dense_hidden, kwargs, device, dense)
+        if reference == "model":  # carry the dense model's hidden states on (the first layer: the same inputs)
+            dense_inputs = hidden if index == 0 or run.dense_hidden is None else run.dense_hidden
+            run.dense_hidden = dense_outputs(layer, dense_inputs, kwargs, device, dense)
         if not linears:  # targets that leave this layer out
             return hidden, {}, None
         for name, q in linears.items():
