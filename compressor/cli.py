@@ -191,6 +191,25 @@ def info(checkpoint: str, modules: bool) -> None:
         click.echo(tabulate(rows, headers=["module", "what was done"], tablefmt="github"))
 
 
+@main.command(cls=_Command)
+@click.argument("checkpoint", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["compressed-tensors"]), required=True,
+              help="compressed-tensors: the folder vLLM and transformers load quantized models from.")
+@click.option("--dense-fallback", is_flag=True, help="Write linears the format cannot hold packed (2/3-bit, "
+              "pruned, low-rank, with LREC factors) as dense weights instead of refusing.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
+              help="dtype of scales and unquantized weights (default: the checkpoint's).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def export(checkpoint: str, out: str, fmt: str, dense_fallback: bool, dtype: str | None, overwrite: bool) -> None:
+    """Write CHECKPOINT in another format to OUT (a folder)."""
+    from compressor.export import export_compressed_tensors
+
+    path = export_compressed_tensors(checkpoint, out, dense_fallback, dtype, overwrite)
+    click.echo(f"wrote {path} ({fmt}); serve it with `vllm serve {path}`, or load it with transformers' "
+               "AutoModelForCausalLM.from_pretrained (with compressed-tensors installed)")
+
+
 def residual_widths(cc: dict) -> list[tuple[int, str]]:
     """[(width, "layers a-b")] from the records a slice pass leaves on each decoder layer."""
     per_layer = {int(name.rpartition(".")[2]): records[-1]["width"] for name, records in cc["modules"].items()

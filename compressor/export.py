@@ -1,0 +1,161 @@
+"""Export a checkpoint to compressed-tensors, the format vLLM and transformers load quantized models from.
+
+The folder holds config.json with a `quantization_config` as compressed-tensors 0.17 writes it (format
+`pack-quantized`: integer weights, group or channel strategy, symmetric or asymmetric), model.safetensors,
+the tokenizer and generation_config.json. Per quantized linear NAME:
+- `NAME.weight_packed` int32 [out, in * bits / 32]: the codes q - 2^(bits-1), offset back by 2^(bits-1) and
+  packed 32 / bits to a word, code j at bit (j % (32 / bits)) * bits of word j // (32 / bits). For 4 and 8
+  bits that is exactly compressor/formats.py's layout of our codes q, so `qweight` is written as it is;
+- `NAME.weight_scale` [out, groups] in the export dtype; `NAME.weight_shape` int64 [2] = (out, in);
+- asymmetric only: `NAME.weight_zero_point` int32 [out * bits / 32, groups], the zero points z - 2^(bits-1)
+  packed the same way along the output dimension (symmetric grids have z = 2^(bits-1): no zero point).
+The dequantized weight, (q - z) * scale per group, is the one `compressor.load` computes with. GPTQ's
+act-order uses static groups here, so no `g_idx` is written.
+
+vLLM's kernels run 4- and 8-bit weights whose groups tile the input width. What it cannot run is refused
+before anything is written, or with `dense_fallback` written as a plain dense weight: 2- and 3-bit codes,
+groups that do not divide the width, pruned linears (vLLM no longer loads 2:4 sparse storage), low-rank
+factorized linears, and LREC factors (folded into the weight). Sliced models are refused: their shapes
+differ from the model config.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from compressor import checkpoint
+from compressor.errors import CompressorError
+from compressor.formats import pack
+from compressor.nn import LowRankLinear, PackedLinear, QuantLinear, SparseLinear
+
+COMPRESSED_TENSORS_VERSION = "0.17.0"  # the version whose format this writes (the one vLLM pins)
+EXPORT_BITS = (4, 8)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja", "generation_config.json")
+
+
+def weights_args(bits: int, group_size: int, in_features: int, symmetric: bool) -> dict:
+    """The `weights` QuantizationArgs of compressed-tensors for our grid (as its model_dump writes them)."""
+    channel = group_size >= in_features
+    return {"num_bits": bits, "type": "int", "symmetric": symmetric, "group_size": None if channel else group_size,
+            "strategy": "channel" if channel else "group", "block_structure": None, "dynamic": False,
+            "actorder": None, "scale_dtype": None, "zp_dtype": None if symmetric else "torch.int8",
+            "observer": "minmax", "observer_kwargs": {}}
+
+
+def quantization_config(groups: dict[str, list[str]], schemes: dict[str, dict], ignore: list[str]) -> dict:
+    """config.json's `quantization_config`: one config group per weight scheme, targeting its linears by name."""
+    return {"config_groups": {group: {"targets": targets, "weights": schemes[group], "input_activations": None,
+                                      "output_activations": None, "format": "pack-quantized"}
+                              for group, targets in groups.items()},
+            "format": "pack-quantized", "global_compression_ratio": None, "ignore": ignore,
+            "kv_cache_scheme": None, "quant_method": "compressed-tensors", "quantization_status": "compressed",
+            "sparsity_config": {}, "transform_config": {}, "version": COMPRESSED_TENSORS_VERSION}
+
+
+def why_not_exportable(q: QuantLinear) -> str | None:
+    """Why vLLM's kernels cannot run this quantized linear as compressed-tensors stores it (None: they can)."""
+    if q.bits not in EXPORT_BITS:
+        return f"{q.bits}-bit codes (vLLM's compressed-tensors kernels run {' and '.join(map(str, EXPORT_BITS))} bits)"
+    if q.group_size < q.in_features and q.in_features % q.group_size:
+        return f"groups of {q.group_size} that do not divide its {q.in_features} inputs"
+    if q.rank:
+        return "LREC factors (a low-rank term the format has no place for)"
+    return None
+
+
+def packed_tensors(name: str, q: QuantLinear, symmetric: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The compressed-tensors tensors of one quantized linear (module docstring)."""
+    tensors = {f"{name}.weight_packed": q.qweight.contiguous(),
+               f"{name}.weight_scale": q.scales.to(dtype).contiguous(),
+               f"{name}.weight_shape": torch.tensor([q.out_features, q.in_features], dtype=torch.int64)}
+    if not symmetric:  # zero points z packed along the output dimension: [words(out), groups]
+        tensors[f"{name}.weight_zero_point"] = pack(q.zeros.T.long(), q.bits).T.contiguous()
+    if q.bias is not None:
+        tensors[f"{name}.bias"] = q.bias.detach().to(dtype)
+    return tensors
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The dense weight [out, in] a module computes with (LREC factors and low-rank factors multiplied out)."""
+    if isinstance(module, PackedLinear):
+        return module.runtime_weight(torch.float32)
+    return (module.up.weight.float() @ module.down.weight.float())
+
+
+def export_compressed_tensors(path: str | Path, out: str | Path, dense_fallback: bool = False,
+                              dtype: str | None = None, overwrite: bool = False) -> Path:
+    """Write the checkpoint at `path` as a compressed-tensors folder `out` (module docstring); `dtype` (float32,
+    float16 or bfloat16; default the checkpoint's) is that of every tensor that is not an integer code."""
+    checkpoint.check_output(out, overwrite)
+    model = checkpoint.load(path, keep_packed=True)
+    cc = model.compression_config
+    if any(r["pass"] == "slice" for records in cc["modules"].values() for r in records):
+        raise CompressorError(f"{path} was sliced: its layers' shapes differ from the model config, which "
+                              "vLLM builds the model from; export a checkpoint that was not sliced")
+    dtype = getattr(torch, dtype) if dtype else model.dtype
+    state = {name: t.detach().to(dtype) if t.is_floating_point() else t for name, t in model.state_dict().items()}
+    groups: dict[str, list[str]] = {}  # config group -> the linears it quantizes
+    schemes: dict[str, dict] = {}  # config group -> its weights' QuantizationArgs
+    dense = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]  # exported as they are
+    refused = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (QuantLinear, SparseLinear, LowRankLinear)):
+            continue
+        for key in [k for k in state if k.startswith(name + ".")]:
+            del state[key]
+        reason = why_not_exportable(module) if isinstance(module, QuantLinear) else \
+            "pruned storage (vLLM no longer loads 2:4 sparse weights)" if isinstance(module, SparseLinear) else \
+            "low-rank factors (the model config has one weight there)"
+        if reason is None:
+            symmetric = next(r["symmetric"] for r in reversed(cc["modules"][name]) if "symmetric" in r)
+            scheme = weights_args(module.bits, module.group_size, module.in_features, symmetric)
+            group = next((g for g, s in schemes.items() if s == scheme), f"group_{len(schemes)}")
+            schemes.setdefault(group, scheme)
+            groups.setdefault(group, []).append(name)
+            state |= packed_tensors(name, module, symmetric, dtype)
+        elif dense_fallback:
+            dense.append(name)
+            state[f"{name}.weight"] = dense_weight(module).to(dtype).contiguous()
+            bias = module.up.bias if isinstance(module, LowRankLinear) else module.bias
+            if bias is not None:
+                state[f"{name}.bias"] = bias.detach().to(dtype)
+        else:
+            refused.append(f"{name}: {reason}")
+    if refused:
+        raise CompressorError(f"{path}: {len(refused)} linears cannot be exported to compressed-tensors, e.g. "
+                              f"{refused[0]}; pass --dense-fallback to write them as dense weights instead")
+    if not groups:
+        raise CompressorError(f"{path} has no linear that compressed-tensors can hold packed (4- or 8-bit); "
+                              "nothing to export")
+    config = json.loads((Path(path) / "config.json").read_text())
+    config.pop("compression_config")
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config["quantization_config"] = quantization_config(groups, schemes, sorted(dense))
+    if model.config.tie_word_embeddings:  # the tied head is the embedding, saved once
+        state.pop("lm_head.weight", None)
+    return write_folder(out, state, config, path)
+
+
+def write_folder(out: str | Path, state: dict[str, torch.Tensor], config: dict, source: str | Path) -> Path:
+    """Write the folder beside `out` and rename it into place when complete."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-export")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name in TOKENIZER_FILES:
+            if (Path(source) / name).is_file():
+                shutil.copy(Path(source) / name, tmp / name)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

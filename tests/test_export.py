@@ -1,0 +1,110 @@
+"""compress export --format compressed-tensors: checked with the compressed-tensors library's own decompressor
+and with transformers' loader, against the weights and logits of compressor.load."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_model_dir, recipe_dict
+from safetensors.torch import load_file
+
+import compressor
+from compressor.cli import main
+from compressor.errors import CompressorError
+from compressor.export import export_compressed_tensors
+from compressor.nn import QuantLinear
+
+ct = pytest.importorskip("compressed_tensors")
+from compressed_tensors.compressors import PackedQuantizationCompressor  # noqa: E402
+from compressed_tensors.quantization import QuantizationConfig  # noqa: E402
+
+IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+RECIPES = {
+    "gptq-w4g32": [{"gptq": {"bits": 4, "group_size": 32}}],
+    "rtn-w4g32-asym": [{"rtn": {"bits": 4, "group_size": 32, "symmetric": False}}],
+    "rtn-w8-channel-asym": [{"rtn": {"bits": 8, "group_size": None, "symmetric": False}}],
+}
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3"])
+def family_dir(request, tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp(request.param) / "model", request.param)
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_the_library_decompresses_the_weights_compressor_computes_with(recipe, family_dir, corpus, tmp_path):
+    compressor.compress(recipe_dict(family_dir, corpus, RECIPES[recipe], tmp_path / "ckpt"), progress=False)
+    out = export_compressed_tensors(tmp_path / "ckpt", tmp_path / "ct")
+    config = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
+    tensors = load_file(out / "model.safetensors")
+    model = compressor.load(tmp_path / "ckpt")
+    checked = 0
+    for scheme in config.config_groups.values():
+        for name in scheme.targets:
+            local = {k.removeprefix(name + "."): v for k, v in tensors.items() if k.startswith(name + ".")}
+            weight = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
+            q = model.get_submodule(name)
+            assert isinstance(q, QuantLinear)
+            torch.testing.assert_close(weight, q.runtime_weight(torch.float32), rtol=0, atol=0)
+            checked += 1
+    assert checked == 7 * 3
+
+
+def test_transformers_loads_the_export_with_the_same_logits(family_dir, corpus, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    compressor.compress(recipe_dict(family_dir, corpus, RECIPES["rtn-w4g32-asym"], tmp_path / "ckpt"), progress=False)
+    out = export_compressed_tensors(tmp_path / "ckpt", tmp_path / "ct")
+    assert (out / "tokenizer.json").is_file()
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(out)(input_ids=IDS).logits
+        ours = compressor.load(tmp_path / "ckpt")(input_ids=IDS).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_what_vllm_cannot_run_is_refused_or_written_dense(llama_dir, corpus, tmp_path):
+    passes = [{"wanda": {"pattern": "2:4", "targets": ["re:.*mlp.*"]}},
+              {"rtn": {"bits": 2, "group_size": 32, "targets": ["re:.*self_attn.*"]}}]
+    compressor.compress(recipe_dict(llama_dir, corpus, passes, tmp_path / "ckpt"), progress=False)
+    with pytest.raises(CompressorError, match="cannot be exported .* --dense-fallback"):
+        export_compressed_tensors(tmp_path / "ckpt", tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
+    with pytest.raises(CompressorError, match="nothing to export"):  # dense fallback of everything: no point
+        export_compressed_tensors(tmp_path / "ckpt", tmp_path / "ct", dense_fallback=True)
+
+
+def test_dense_fallback_writes_the_weights_compressor_computes_with(llama_dir, corpus, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    passes = [{"wanda": {"pattern": "2:4", "targets": ["re:.*mlp.*"]}}, {"rtn": {"bits": 4, "group_size": 32}},
+              {"lrec": {"rank": 4, "targets": ["re:.*o_proj"]}}]
+    compressor.compress(recipe_dict(llama_dir, corpus, passes, tmp_path / "ckpt"), progress=False)
+    out = export_compressed_tensors(tmp_path / "ckpt", tmp_path / "ct", dense_fallback=True)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert "model.layers.0.self_attn.o_proj" in config["ignore"]  # LREC factors folded into a dense weight
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(out)(input_ids=IDS).logits
+        ours = compressor.load(tmp_path / "ckpt")(input_ids=IDS).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_export_command_and_its_errors(llama_dir, corpus, tmp_path):
+    compressor.compress(recipe_dict(llama_dir, corpus, RECIPES["gptq-w4g32"], tmp_path / "ckpt"), progress=False)
+    runner = CliRunner()
+    result = runner.invoke(main, ["export", str(tmp_path / "ckpt"), str(tmp_path / "ct"),
+                                  "--format", "compressed-tensors", "--dtype", "bfloat16"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "ct" / "config.json").read_text())["dtype"] == "bfloat16"
+    result = runner.invoke(main, ["export", str(tmp_path / "ckpt"), str(tmp_path / "ct"), "--format",
+                                  "compressed-tensors"])
+    assert result.exit_code == 2 and "already exists" in result.output
+    result = runner.invoke(main, ["export", str(llama_dir), str(tmp_path / "x"), "--format", "compressed-tensors"])
+    assert result.exit_code == 2 and "not a compressor checkpoint" in result.output
+    sliced = tmp_path / "sliced"
+    compressor.compress(recipe_dict(llama_dir, corpus, [{"slice": {"fraction": 0.25}},
+                                                        {"rtn": {"bits": 4, "group_size": 16}}], sliced),
+                        progress=False)
+    result = runner.invoke(main, ["export", str(sliced), str(tmp_path / "y"), "--format", "compressed-tensors"])
+    assert result.exit_code == 2 and "sliced" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
