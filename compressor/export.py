@@ -15,8 +15,13 @@ act-order uses static groups here, so no `g_idx` is written.
 vLLM's kernels run 4- and 8-bit weights whose groups tile the input width. What it cannot run is refused
 before anything is written, or with `dense_fallback` written as a plain dense weight: 2- and 3-bit codes,
 groups that do not divide the width, pruned linears (vLLM no longer loads 2:4 sparse storage), low-rank
-factorized linears, and LREC factors (folded into the weight). Sliced models are refused: their shapes
-differ from the model config.
+factorized linears. Sliced models are refused: their shapes differ from the model config.
+
+LREC factors go into a PEFT LoRA adapter in `lrec-adapter/` inside the export, which vLLM
+(`--enable-lora --lora-modules lrec=OUT/lrec-adapter`) and peft apply on top of the quantized base:
+y = x Wq^T + (x A) B is LoRA's y = x Wq^T + (alpha / r) (x lora_A^T) lora_B^T with lora_A = A^T [r, in],
+lora_B = B^T [out, r] and alpha = r. Ranks that differ between linears are padded with zeros to the largest
+(the product is unchanged), so every engine reads one rank; integer factors are written dequantized.
 """
 
 import json
@@ -63,8 +68,6 @@ def why_not_exportable(q: QuantLinear) -> str | None:
         return f"{q.bits}-bit codes (vLLM's compressed-tensors kernels run {' and '.join(map(str, EXPORT_BITS))} bits)"
     if q.group_size < q.in_features and q.in_features % q.group_size:
         return f"groups of {q.group_size} that do not divide its {q.in_features} inputs"
-    if q.rank:
-        return "LREC factors (a low-rank term the format has no place for)"
     return None
 
 
@@ -99,6 +102,7 @@ def export_compressed_tensors(path: str | Path, out: str | Path, dense_fallback:
                               "vLLM builds the model from; export a checkpoint that was not sliced")
     dtype = getattr(torch, dtype) if dtype else model.dtype
     state = {name: t.detach().to(dtype) if t.is_floating_point() else t for name, t in model.state_dict().items()}
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # LREC factors A [in, r], B [r, out]
     groups: dict[str, list[str]] = {}  # config group -> the linears it quantizes
     schemes: dict[str, dict] = {}  # config group -> its weights' QuantizationArgs
     dense = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]  # exported as they are
@@ -118,6 +122,8 @@ def export_compressed_tensors(path: str | Path, out: str | Path, dense_fallback:
             schemes.setdefault(group, scheme)
             groups.setdefault(group, []).append(name)
             state |= packed_tensors(name, module, symmetric, dtype)
+            if module.rank:
+                factors[name] = module.low_rank_factors(torch.float32)
         elif dense_fallback:
             dense.append(name)
             state[f"{name}.weight"] = dense_weight(module).to(dtype).contiguous()
@@ -138,11 +144,33 @@ def export_compressed_tensors(path: str | Path, out: str | Path, dense_fallback:
     config["quantization_config"] = quantization_config(groups, schemes, sorted(dense))
     if model.config.tie_word_embeddings:  # the tied head is the embedding, saved once
         state.pop("lm_head.weight", None)
-    return write_folder(out, state, config, path)
+    adapter = lora_adapter(factors, dtype, str(Path(out).resolve())) if factors else None
+    return write_folder(out, state, config, path, adapter)
 
 
-def write_folder(out: str | Path, state: dict[str, torch.Tensor], config: dict, source: str | Path) -> Path:
-    """Write the folder beside `out` and rename it into place when complete."""
+def lora_adapter(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype, base: str
+                 ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """adapter_config.json and adapter_model.safetensors of a PEFT LoRA adapter holding the LREC factors
+    (module docstring)."""
+    rank = max(a.shape[1] for a, _ in factors.values())
+    tensors = {}
+    for name, (a, b) in factors.items():  # a [in, r_i], b [r_i, out], zero-padded to rank
+        lora_a = torch.zeros(rank, a.shape[0])
+        lora_a[:a.shape[1]] = a.T
+        lora_b = torch.zeros(b.shape[1], rank)
+        lora_b[:, :b.shape[0]] = b.T
+        tensors[f"base_model.model.{name}.lora_A.weight"] = lora_a.to(dtype).contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = lora_b.to(dtype).contiguous()
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": rank,
+              "lora_alpha": rank, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+              "use_rslora": False, "init_lora_weights": True, "modules_to_save": None,
+              "target_modules": sorted({name.rpartition(".")[2] for name in factors})}
+    return config, tensors
+
+
+def write_folder(out: str | Path, state: dict[str, torch.Tensor], config: dict, source: str | Path,
+                 adapter: tuple[dict, dict[str, torch.Tensor]] | None) -> Path:
+    """Write the folder (and the adapter in it) beside `out` and rename it into place when complete."""
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -153,6 +181,10 @@ def write_folder(out: str | Path, state: dict[str, torch.Tensor], config: dict, 
         for name in TOKENIZER_FILES:
             if (Path(source) / name).is_file():
                 shutil.copy(Path(source) / name, tmp / name)
+        if adapter is not None:
+            (tmp / "lrec-adapter").mkdir()
+            (tmp / "lrec-adapter" / "adapter_config.json").write_text(json.dumps(adapter[0], indent=2) + "\n")
+            save_file(adapter[1], tmp / "lrec-adapter" / "adapter_model.safetensors", metadata={"format": "pt"})
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -77,12 +77,12 @@ def test_what_vllm_cannot_run_is_refused_or_written_dense(llama_dir, corpus, tmp
 def test_dense_fallback_writes_the_weights_compressor_computes_with(llama_dir, corpus, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    passes = [{"wanda": {"pattern": "2:4", "targets": ["re:.*mlp.*"]}}, {"rtn": {"bits": 4, "group_size": 32}},
-              {"lrec": {"rank": 4, "targets": ["re:.*o_proj"]}}]
+    passes = [{"wanda": {"pattern": "2:4", "targets": ["re:.*mlp.*"]}},
+              {"rtn": {"bits": 4, "group_size": 32, "targets": ["re:.*self_attn.*"]}}]
     compressor.compress(recipe_dict(llama_dir, corpus, passes, tmp_path / "ckpt"), progress=False)
     out = export_compressed_tensors(tmp_path / "ckpt", tmp_path / "ct", dense_fallback=True)
     config = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert "model.layers.0.self_attn.o_proj" in config["ignore"]  # LREC factors folded into a dense weight
+    assert "model.layers.0.mlp.up_proj" in config["ignore"]  # the pruned linears, written dense
     with torch.no_grad():
         theirs = AutoModelForCausalLM.from_pretrained(out)(input_ids=IDS).logits
         ours = compressor.load(tmp_path / "ckpt")(input_ids=IDS).logits
@@ -108,3 +108,22 @@ def test_export_command_and_its_errors(llama_dir, corpus, tmp_path):
     result = runner.invoke(main, ["export", str(sliced), str(tmp_path / "y"), "--format", "compressed-tensors"])
     assert result.exit_code == 2 and "sliced" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_lrec_factors_become_a_lora_adapter_that_peft_applies(llama_dir, corpus, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    passes = [{"rtn": {"bits": 4, "group_size": 32}}, {"lrec": {"extra_bits": 1.0, "factor_bits": 8}}]
+    model = compressor.compress(recipe_dict(llama_dir, corpus, passes, tmp_path / "ckpt"), progress=False)
+    ranks = {r[-1]["rank"] for r in model.compression_config["modules"].values()}
+    assert len(ranks) > 1  # padded to one rank in the adapter
+    out = export_compressed_tensors(tmp_path / "ckpt", tmp_path / "ct")
+    adapter = json.loads((out / "lrec-adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == adapter["lora_alpha"] == max(ranks)
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(out)
+        base(input_ids=IDS[:, :1])  # transformers decompresses the weights at the first forward; peft needs them
+        corrected = peft.PeftModel.from_pretrained(base, out / "lrec-adapter")(input_ids=IDS).logits
+        ours = compressor.load(tmp_path / "ckpt", keep_packed=True)(input_ids=IDS).logits
+    torch.testing.assert_close(corrected, ours, rtol=1e-4, atol=1e-4)
