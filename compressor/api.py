@@ -12,10 +12,10 @@ from compressor.checkpoint_format import read_compression_config
 from compressor.data import calibration_windows, load_documents
 from compressor.engine import compress_model, plan
 from compressor.errors import CompressorError
-from compressor.evaluate import perplexity
 from compressor.models import LoadedModel, adapter_for, load_model
 from compressor.nn import SparseLinear
 from compressor.passes.prune import store_sparse
+from compressor.perplexity import perplexity
 from compressor.recipe import Perplexity, Recipe, load_recipe
 from compressor.runtime import count_parameters, peak_memory, resolve_device, warn_if_slow_dtype
 

@@ -47,8 +47,8 @@ from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 from run import CALIBRATION, calibration_ids  # the benchmark's calibration, so peer rows compare with ours
 
-from compressor.evaluate import perplexity, protocol_windows
 from compressor.models import load_model
+from compressor.perplexity import perplexity, protocol_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQLEN, SEED = CALIBRATION["seqlen"], CALIBRATION["seed"]

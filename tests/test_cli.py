@@ -221,3 +221,9 @@ def test_missing_gguf_file(tmp_path):
 def test_info_on_a_non_checkpoint(tmp_path):
     result = invoke("info", tmp_path)
     assert result.exit_code == 2 and "not a compressor checkpoint" in result.output
+
+
+def test_the_lazy_api_names_are_the_functions_whatever_was_imported_first():
+    code = ("import compressor.perplexity, compressor.checkpoint, compressor; "
+            "assert all(callable(getattr(compressor, n)) for n in ('compress', 'evaluate', 'load', 'run'))")
+    subprocess.run([sys.executable, "-c", code], check=True)

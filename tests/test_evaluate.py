@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compressor.evaluate import perplexity, window_nll
 from compressor.models import load_model
+from compressor.perplexity import perplexity, window_nll
 
 
 def test_perplexity_runs_the_model_without_autograd(llama_dir, corpus):

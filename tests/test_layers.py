@@ -1,4 +1,4 @@
-"""Imports run one way: cli -> api -> (engine, recipe, checkpoint, evaluate) -> passes -> (models, data) -> nn
+"""Imports run one way: cli -> api -> (engine, recipe, checkpoint, perplexity) -> passes -> (models, data) -> nn
 -> (formats, checkpoint_format, errors, runtime, kernels). A module may import from its own level or below,
 never above, and no group of modules imports itself round in a cycle."""
 
@@ -14,7 +14,7 @@ LEVELS = [
     ("compressor.nn",),
     ("compressor.models", "compressor.data"),
     ("compressor.passes",),
-    ("compressor.engine", "compressor.recipe", "compressor.checkpoint", "compressor.evaluate"),
+    ("compressor.engine", "compressor.recipe", "compressor.checkpoint", "compressor.perplexity"),
     ("compressor.api",),
     ("compressor.cli", "compressor"),
 ]
