@@ -11,6 +11,7 @@ and rewrites compress-time.md.
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import time
@@ -63,12 +64,12 @@ def write(rows: list[dict], stem: Path) -> None:
     lines = ["# compress-time", "", "Seconds per pass on one decoder layer (`python eval/bench_layer.py RECIPE ...`): "
              "each pass with the statistics it collects, as the engine runs it, then one forward of the compressed "
              "layer over the calibration windows. CPU, float32.", "",
-             "| recipe | layer | calibration | seconds per pass | commit | date | machine | threads |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| recipe | layer | calibration | seconds per pass | commit | date | machine | threads | load |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         passes = ", ".join(f"{name} {s}" for name, s in r["seconds"].items())
         lines.append(f"| {r['recipe']} | {r['layer']} | {r['calibration']} | {passes} | {r['commit']} | "
-                     f"{r['date']} | {r['machine']} | {r['threads']} |")
+                     f"{r['date']} | {r['machine']} | {r['threads']} | {r.get('load', '-')} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -87,7 +88,8 @@ def main() -> None:
     commit = git[0] + ("+modified" if git[1] else "")  # uncommitted changes to the package
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.machine())
-    row |= {"commit": commit, "date": time.strftime("%Y-%m-%d"), "machine": cpu, "threads": args.threads}
+    row |= {"commit": commit, "date": time.strftime("%Y-%m-%d"), "machine": cpu, "threads": args.threads,
+            "load": f"{os.getloadavg()[0]:.1f} (1-minute load average at the end)"}
     print(row, flush=True)
     stem = ROOT / "eval" / "results" / "compress-time"
     rows = json.loads(stem.with_suffix(".json").read_text())["rows"] if stem.with_suffix(".json").exists() else []
