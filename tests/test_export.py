@@ -127,3 +127,18 @@ def test_lrec_factors_become_a_lora_adapter_that_peft_applies(llama_dir, corpus,
         corrected = peft.PeftModel.from_pretrained(base, out / "lrec-adapter")(input_ids=IDS).logits
         ours = compressor.load(tmp_path / "ckpt", keep_packed=True)(input_ids=IDS).logits
     torch.testing.assert_close(corrected, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_eval_and_load_read_a_compressed_tensors_folder(llama_dir, corpus, tmp_path, monkeypatch):
+    compressor.compress(recipe_dict(llama_dir, corpus, RECIPES["rtn-w4g32-asym"], tmp_path / "ckpt"), progress=False)
+    out = export_compressed_tensors(tmp_path / "ckpt", tmp_path / "ct")
+    theirs, ours = (compressor.evaluate(str(path), dataset=str(corpus), seqlen=64, windows=2, progress=False)
+                    for path in (out, tmp_path / "ckpt"))
+    assert theirs["ppl"] == pytest.approx(ours["ppl"], rel=1e-5)
+    from compressor.models import sources
+
+    real = sources.importlib.util.find_spec
+    monkeypatch.setattr(sources.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "compressed_tensors" else real(name, *a))
+    result = CliRunner().invoke(main, ["eval", str(out), "--windows", "1"])
+    assert result.exit_code == 2 and "pip install compressed-tensors" in result.output

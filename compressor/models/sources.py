@@ -136,7 +136,12 @@ def gguf_to_folder(gguf: Path) -> Path:
 
 def load_pretrained(location: Path | str, dtype: torch.dtype,
                     ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load model and tokenizer from a local folder or a hub id."""
+    """Load model and tokenizer from a local folder or a hub id. A compressed-tensors folder (llm-compressor's
+    output, or `compress export`'s) comes back with its weights decompressed to dense ones."""
+    packed = compressed_tensors_config(location)
+    if packed is not None and importlib.util.find_spec("compressed_tensors") is None:
+        raise CompressorError(f"{location} is a compressed-tensors checkpoint (format {packed.get('format')}); "
+                              "reading it needs that package: pip install compressed-tensors")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(location))
         model = AutoModelForCausalLM.from_pretrained(str(location), dtype=dtype)
@@ -145,4 +150,21 @@ def load_pretrained(location: Path | str, dtype: torch.dtype,
             raise CompressorError(f"could not load {location!r} from the Hugging Face Hub ({e}). Offline? "
                                   "Use a local model folder, a .gguf file, or a bundled:NAME model.") from None
         raise CompressorError(f"could not load a model from {location}: {e}") from None
+    except Exception as e:  # a compressed-tensors scheme that the installed library cannot read
+        if packed is None:
+            raise
+        raise CompressorError(f"{location}: its compressed-tensors format {packed.get('format')!r} (schemes "
+                              f"{sorted(packed.get('config_groups') or {})}) could not be read: {e}") from None
+    if packed is not None:  # transformers decompresses at the first forward; the engine and the evaluation
+        with torch.no_grad():  # call the decoder layers directly, so run that forward now
+            model(input_ids=torch.zeros((1, 1), dtype=torch.long))
     return model.eval(), tokenizer
+
+
+def compressed_tensors_config(location: Path | str) -> dict | None:
+    """The quantization_config of a local compressed-tensors folder, else None."""
+    config_path = Path(location) / "config.json"
+    if not isinstance(location, Path) or not config_path.is_file():
+        return None
+    config = json.loads(config_path.read_text()).get("quantization_config")
+    return config if isinstance(config, dict) and config.get("quant_method") == "compressed-tensors" else None
