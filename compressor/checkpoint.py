@@ -11,6 +11,8 @@ import os
 import platform
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -41,10 +43,7 @@ def save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output: str
     """Write the checkpoint atomically; refuse an existing folder unless `overwrite`."""
     out = Path(output)
     check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with folder_in_place(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         config_path = tmp / "config.json"
@@ -52,12 +51,24 @@ def save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output: str
         config["compression_config"] = {"format_version": FORMAT_VERSION, **compression_config,
                                         "versions": versions()}
         config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+@contextmanager
+def folder_in_place(out: Path) -> Iterator[Path]:
+    """A new folder beside `out` to write into, renamed to `out` (replacing it) when the block completes and
+    removed if it fails: a reader never sees a half-written `out`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", keep_packed: bool = False) -> PreTrainedModel:

@@ -170,12 +170,9 @@ def lora_adapter(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], dtype: t
 
 def write_folder(out: str | Path, state: dict[str, torch.Tensor], config: dict, source: str | Path,
                  adapter: tuple[dict, dict[str, torch.Tensor]] | None) -> Path:
-    """Write the folder (and the adapter in it) beside `out` and rename it into place when complete."""
+    """Write the folder (and the adapter in it), renamed into place when complete."""
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-export")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with checkpoint.folder_in_place(out) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name in TOKENIZER_FILES:
@@ -185,9 +182,4 @@ def write_folder(out: str | Path, state: dict[str, torch.Tensor], config: dict, 
             (tmp / "lrec-adapter").mkdir()
             (tmp / "lrec-adapter" / "adapter_config.json").write_text(json.dumps(adapter[0], indent=2) + "\n")
             save_file(adapter[1], tmp / "lrec-adapter" / "adapter_model.safetensors", metadata={"format": "pt"})
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
