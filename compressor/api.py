@@ -12,6 +12,7 @@ from compressor.checkpoint_format import read_compression_config
 from compressor.data import calibration_windows, load_documents
 from compressor.engine import compress_model, plan
 from compressor.errors import CompressorError
+from compressor.export import check_recipe, export_compressed_tensors
 from compressor.models import LoadedModel, adapter_for, load_model
 from compressor.nn import SparseLinear
 from compressor.passes.prune import store_sparse
@@ -43,8 +44,7 @@ def compress(recipe: "str | Path | dict | Recipe", model: PreTrainedModel | None
     saved checkpoint runs them at the dense model's speed, as `compressor.nn.unpack_weights` does in memory.
     """
     recipe = load_recipe(recipe)
-    if recipe.output:
-        checkpoint.check_output(recipe.output, overwrite)
+    check_outputs(recipe, overwrite)
     if model is None:
         loaded = load_model(recipe.model, recipe.dtype)
     else:
@@ -73,7 +73,19 @@ def _compress_loaded(recipe: Recipe, loaded: LoadedModel, overwrite: bool, progr
                                 "parameters": {"dense": dense, "compressed": count_parameters(model)}}
     if recipe.output:
         checkpoint.save(model, tokenizer, recipe.output, model.compression_config, overwrite)
+    if recipe.export:
+        export_compressed_tensors(recipe.output, recipe.export.output, recipe.export.dense_fallback,
+                                  recipe.export.dtype, overwrite)
     return model
+
+
+def check_outputs(recipe: Recipe, overwrite: bool) -> None:
+    """Refuse, before any work, an output folder that exists and an export that would be refused."""
+    if recipe.output:
+        checkpoint.check_output(recipe.output, overwrite)
+    if recipe.export:
+        checkpoint.check_output(recipe.export.output, overwrite)
+        check_recipe(recipe.passes, recipe.export.dense_fallback)
 
 
 def load(path: str | Path, device: str = "cpu", semi_structured: bool = False, keep_packed: bool = False
@@ -132,13 +144,14 @@ def run(recipe_path: "str | Path | dict", overwrite: bool = False, progress: boo
     if windows is not None and no_eval:
         raise CompressorError("give --windows N (evaluate on the first N windows) or --no-eval (no evaluation), "
                               "not both")
-    checkpoint.check_output(recipe.output, overwrite)
+    check_outputs(recipe, overwrite)
     ev = None if no_eval else recipe.evaluate
     if windows is not None:
         ev = dataclasses.replace(ev or Perplexity(), windows=windows)
     loaded = load_model(recipe.model, recipe.dtype)
     plan(loaded.model, loaded.adapter, recipe.passes)
-    report: dict = {"model": recipe.model, "recipe": recipe.source, "output": recipe.output}
+    report: dict = {"model": recipe.model, "recipe": recipe.source, "output": recipe.output,
+                    "export": recipe.export.output if recipe.export else None}
     size = {"bytes_on_disk": checkpoint.weight_bytes(loaded.folder) if loaded.folder else None}
     if ev:
         report["before"] = {**evaluate(loaded.model, loaded.tokenizer, ev.dataset, ev.seqlen, ev.windows,

@@ -98,6 +98,8 @@ def run(recipe: str, overwrite: bool, json_path: str | None, windows: int | None
                f"checkpoint: {report['output']}")
     click.echo(f"run it from Python: model = compressor.load({report['output']!r}) (a transformers model: "
                "forward, generate); `compress info` says what it holds")
+    if report.get("export"):
+        click.echo(f"exported: {report['export']} (serve it with `vllm serve {report['export']}`)")
     report_path = Path(report["output"]) / "compress_report.json"
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     if json_path:

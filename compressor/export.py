@@ -90,6 +90,23 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     return (module.up.weight.float() @ module.down.weight.float())
 
 
+def check_recipe(passes: list, dense_fallback: bool) -> None:
+    """Refuse, before any work starts, a recipe whose checkpoint the export would refuse."""
+    for p in passes:
+        if p.name == "slice":
+            raise CompressorError("export: a sliced model's shapes differ from its config, which vLLM builds the "
+                                  "model from; leave `slice` out of a recipe that exports")
+        if dense_fallback:
+            continue
+        if getattr(p, "bits", 4) not in EXPORT_BITS:
+            raise CompressorError(f"export: {p.name} with {p.bits} bits makes linears vLLM's kernels cannot run "
+                                  "(4 or 8 bits); set `export: {dense_fallback: true}` to write them dense")
+        if p.name in ("magnitude", "wanda", "sparsegpt", "lowrank") and not any(
+                q.name in ("rtn", "gptq") for q in passes):
+            raise CompressorError(f"export: {p.name} leaves linears that compressed-tensors cannot hold packed "
+                                  "and nothing quantized; set `export: {dense_fallback: true}` to write them dense")
+
+
 def export_compressed_tensors(path: str | Path, out: str | Path, dense_fallback: bool = False,
                               dtype: str | None = None, overwrite: bool = False) -> Path:
     """Write the checkpoint at `path` as a compressed-tensors folder `out` (module docstring); `dtype` (float32,

@@ -37,12 +37,24 @@ class Perplexity:
 
 
 @dataclass
+class Export:
+    output: str  # the exported folder
+    format: str = "compressed-tensors"
+    dense_fallback: bool = False
+    dtype: str | None = None  # None: the checkpoint's
+
+
+EXPORT_FORMATS = ("compressed-tensors",)
+
+
+@dataclass
 class Recipe:
     model: str
     passes: list[Pass]
     output: str | None = None
     calibration: Calibration = field(default_factory=Calibration)
     evaluate: Perplexity | None = None
+    export: Export | None = None  # also write the checkpoint in another format
     device: str = "auto"
     dtype: str = "float32"
     source: str = "<dict>"  # where the recipe came from, for messages
@@ -58,11 +70,12 @@ class Recipe:
             "passes": [{p.name: dataclasses.asdict(p)} for p in self.passes],
             "output": self.output,
             "evaluate": {"perplexity": dataclasses.asdict(self.evaluate)} if self.evaluate else None,
+            "export": dataclasses.asdict(self.export) if self.export else None,
         }
 
 
 DTYPES = ("float32", "bfloat16", "float16")
-TOP_KEYS = {"model", "passes", "output", "calibration", "evaluate", "device", "dtype"}
+TOP_KEYS = {"model", "passes", "output", "calibration", "evaluate", "export", "device", "dtype"}
 
 
 def load_recipe(recipe: "str | Path | dict | Recipe") -> Recipe:
@@ -117,12 +130,25 @@ def parse_recipe(data: Any, source: str) -> Recipe:
         if evaluate.seqlen <= 1 or (evaluate.windows is not None and evaluate.windows <= 0):
             fail("evaluate.perplexity", "seqlen must be > 1 and windows (when given) > 0")
 
+    export = None
+    if data.get("export") is not None:
+        if not isinstance(data["export"], dict) or "output" not in data["export"]:
+            fail("export", "expected a mapping such as {format: compressed-tensors, output: out/model-ct}")
+        export = _dataclass_from(Export, data["export"], "export", fail)
+        if export.format not in EXPORT_FORMATS:
+            fail("export.format", f"got {export.format!r}; allowed: {', '.join(EXPORT_FORMATS)}")
+        if export.dtype is not None and export.dtype not in DTYPES:
+            fail("export.dtype", f"got {export.dtype!r}; allowed: {', '.join(DTYPES)}")
+        if output is None or Path(export.output).resolve() == Path(output).resolve():
+            fail("export.output", "export writes the saved checkpoint in another format: give the recipe an "
+                                  "`output` for the checkpoint and export a different folder")
+
     passes = data["passes"]
     if not isinstance(passes, list) or not passes:
         fail("passes", "expected a non-empty list such as [{magnitude: {sparsity: 0.5}}]")
     parsed = [_parse_pass(entry, f"passes[{i}]", fail) for i, entry in enumerate(passes)]
     return Recipe(model=model, passes=parsed, output=output, calibration=calibration, evaluate=evaluate,
-                  device=device, dtype=dtype, source=source, raw=data)
+                  export=export, device=device, dtype=dtype, source=source, raw=data)
 
 
 def _parse_pass(entry: Any, where: str, fail) -> Pass:

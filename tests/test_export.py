@@ -142,3 +142,22 @@ def test_eval_and_load_read_a_compressed_tensors_folder(llama_dir, corpus, tmp_p
                         lambda name, *a: None if name == "compressed_tensors" else real(name, *a))
     result = CliRunner().invoke(main, ["eval", str(out), "--windows", "1"])
     assert result.exit_code == 2 and "pip install compressed-tensors" in result.output
+
+
+def test_a_recipe_can_ask_for_the_export(llama_dir, corpus, tmp_path):
+    passes = RECIPES["gptq-w4g32"]
+    export = {"format": "compressed-tensors", "output": str(tmp_path / "ct")}
+    compressor.compress(recipe_dict(llama_dir, corpus, passes, tmp_path / "ckpt", export=export), progress=False)
+    assert (tmp_path / "ckpt" / "config.json").is_file() and (tmp_path / "ct" / "model.safetensors").is_file()
+    refused = {  # before any work starts: nothing written
+        "2-bit": ([{"rtn": {"bits": 2}}], export, "2 bits"),
+        "pruned only": ([{"magnitude": {"sparsity": 0.5}}], export, "dense_fallback: true"),
+        "sliced": ([{"slice": {"fraction": 0.25}}, *passes], {**export, "dense_fallback": True}, "sliced"),
+        "no checkpoint": (passes, export, "give the recipe an `output`"),
+    }
+    for name, (passes, spec, message) in refused.items():
+        output = None if name == "no checkpoint" else tmp_path / name
+        spec = {**spec, "output": str(tmp_path / f"{name}-ct")}
+        with pytest.raises(CompressorError, match=message):
+            compressor.compress(recipe_dict(llama_dir, corpus, passes, output, export=spec), progress=False)
+        assert not (tmp_path / name).exists() and not (tmp_path / f"{name}-ct").exists()
