@@ -1,4 +1,5 @@
-"""What every pass has: targets/ignore matching, parameter checks, and the apply step."""
+"""What every pass has: the contract the engine drives (Pass, LayerPass), targets/ignore matching, parameter
+checks, and the state passes hand each other on a layer (LayerState) or see of it (LayerContext)."""
 
 import re
 from collections.abc import Callable
