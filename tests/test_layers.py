@@ -14,7 +14,7 @@ LEVELS = [
     ("compressor.nn",),
     ("compressor.models", "compressor.data"),
     ("compressor.passes",),
-    ("compressor.engine", "compressor.recipe", "compressor.checkpoint", "compressor.perplexity"),
+    ("compressor.engine", "compressor.recipe", "compressor.checkpoint", "compressor.perplexity", "compressor.export"),
     ("compressor.api",),
     ("compressor.cli", "compressor"),
 ]
@@ -26,9 +26,9 @@ def module_name(path: Path) -> str:
 
 
 def level(module: str) -> int:
-    """The level of the longest prefix of `module` that LEVELS names."""
-    best = max((prefix for lv in LEVELS for prefix in lv if module == prefix or module.startswith(prefix + ".")),
-               key=len)
+    """The level of the longest prefix of `module` that LEVELS names (the package itself only by its own name)."""
+    best = max((prefix for lv in LEVELS for prefix in lv
+                if module == prefix or (prefix != "compressor" and module.startswith(prefix + "."))), key=len)
     return next(i for i, lv in enumerate(LEVELS) if best in lv)
 
 
