@@ -202,12 +202,15 @@ def info(checkpoint: str, modules: bool) -> None:
               "pruned, low-rank, with LREC factors) as dense weights instead of refusing.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
               help="dtype of scales and unquantized weights (default: the checkpoint's).")
+@click.option("--int8-activations", is_flag=True, help="The W4A8 variant for CPU serving: symmetric 4-bit "
+              "weights, activations quantized to int8 per token at run time (vLLM's CPU build runs 4-bit weights so).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def export(checkpoint: str, out: str, fmt: str, dense_fallback: bool, dtype: str | None, overwrite: bool) -> None:
+def export(checkpoint: str, out: str, fmt: str, dense_fallback: bool, dtype: str | None, int8_activations: bool,
+           overwrite: bool) -> None:
     """Write CHECKPOINT in another format to OUT (a folder)."""
     from compressor.export import export_compressed_tensors
 
-    path = export_compressed_tensors(checkpoint, out, dense_fallback, dtype, overwrite)
+    path = export_compressed_tensors(checkpoint, out, dense_fallback, dtype, overwrite, int8_activations)
     click.echo(f"wrote {path} ({fmt}); serve it with `vllm serve {path}`, or load it with transformers' "
                "AutoModelForCausalLM.from_pretrained (with compressed-tensors installed)")
 

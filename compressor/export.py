@@ -17,6 +17,11 @@ before anything is written, or with `dense_fallback` written as a plain dense we
 groups that do not divide the width, pruned linears (vLLM no longer loads 2:4 sparse storage), low-rank
 factorized linears. Sliced models are refused: their shapes differ from the model config.
 
+With `int8_activations` the export is the W4A8 variant for CPU serving (vLLM's CPU build runs 4-bit weights
+only with activations quantized to int8 per token at run time): format `int-quantized`, `NAME.weight` int8
+[out, in] holding q - 2^(bits-1) unpacked, the same scales, and dynamic per-token int8 `input_activations`.
+Only symmetric 4-bit grids have that scheme.
+
 LREC factors go into a PEFT LoRA adapter in `lrec-adapter/` inside the export, which vLLM
 (`--enable-lora --lora-modules lrec=OUT/lrec-adapter`) and peft apply on top of the quantized base:
 y = x Wq^T + (x A) B is LoRA's y = x Wq^T + (alpha / r) (x lora_A^T) lora_B^T with lora_A = A^T [r, in],
@@ -34,7 +39,7 @@ from torch import nn
 
 from compressor import checkpoint
 from compressor.errors import CompressorError
-from compressor.formats import pack
+from compressor.formats import pack, unpack
 from compressor.nn import LowRankLinear, PackedLinear, QuantLinear, SparseLinear
 
 COMPRESSED_TENSORS_VERSION = "0.17.0"  # the version whose format this writes (the one vLLM pins)
@@ -52,18 +57,29 @@ def weights_args(bits: int, group_size: int, in_features: int, symmetric: bool) 
             "observer": "minmax", "observer_kwargs": {}}
 
 
-def quantization_config(groups: dict[str, list[str]], schemes: dict[str, dict], ignore: list[str]) -> dict:
+INT8_TOKEN_ACTIVATIONS = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "token",
+                          "block_structure": None, "dynamic": True, "actorder": None, "scale_dtype": None,
+                          "zp_dtype": None, "observer": None, "observer_kwargs": {}}
+
+
+def quantization_config(groups: dict[str, list[str]], schemes: dict[str, dict], ignore: list[str],
+                        int8_activations: bool) -> dict:
     """config.json's `quantization_config`: one config group per weight scheme, targeting its linears by name."""
-    return {"config_groups": {group: {"targets": targets, "weights": schemes[group], "input_activations": None,
-                                      "output_activations": None, "format": "pack-quantized"}
+    fmt = "int-quantized" if int8_activations else "pack-quantized"
+    activations = INT8_TOKEN_ACTIVATIONS if int8_activations else None
+    return {"config_groups": {group: {"targets": targets, "weights": schemes[group], "input_activations": activations,
+                                      "output_activations": None, "format": fmt}
                               for group, targets in groups.items()},
-            "format": "pack-quantized", "global_compression_ratio": None, "ignore": ignore,
+            "format": fmt, "global_compression_ratio": None, "ignore": ignore,
             "kv_cache_scheme": None, "quant_method": "compressed-tensors", "quantization_status": "compressed",
             "sparsity_config": {}, "transform_config": {}, "version": COMPRESSED_TENSORS_VERSION}
 
 
-def why_not_exportable(q: QuantLinear) -> str | None:
+def why_not_exportable(q: QuantLinear, symmetric: bool, int8_activations: bool) -> str | None:
     """Why vLLM's kernels cannot run this quantized linear as compressed-tensors stores it (None: they can)."""
+    if int8_activations and not (q.bits == 4 and symmetric):
+        grid = f"{q.bits}-bit {'' if symmetric else 'a'}symmetric"
+        return f"{grid} codes (the int8-activation scheme takes symmetric 4-bit codes)"
     if q.bits not in EXPORT_BITS:
         return f"{q.bits}-bit codes (vLLM's compressed-tensors kernels run {' and '.join(map(str, EXPORT_BITS))} bits)"
     if q.group_size < q.in_features and q.in_features % q.group_size:
@@ -71,11 +87,17 @@ def why_not_exportable(q: QuantLinear) -> str | None:
     return None
 
 
-def packed_tensors(name: str, q: QuantLinear, symmetric: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def packed_tensors(name: str, q: QuantLinear, symmetric: bool, dtype: torch.dtype, int8_activations: bool
+                   ) -> dict[str, torch.Tensor]:
     """The compressed-tensors tensors of one quantized linear (module docstring)."""
-    tensors = {f"{name}.weight_packed": q.qweight.contiguous(),
-               f"{name}.weight_scale": q.scales.to(dtype).contiguous(),
-               f"{name}.weight_shape": torch.tensor([q.out_features, q.in_features], dtype=torch.int64)}
+    if int8_activations:  # int-quantized: the signed codes unpacked, one int8 per weight
+        codes = unpack(q.qweight, q.bits, q.in_features) - 2 ** (q.bits - 1)
+        tensors = {f"{name}.weight": codes.to(torch.int8).contiguous(),
+                   f"{name}.weight_scale": q.scales.to(dtype).contiguous()}
+    else:
+        tensors = {f"{name}.weight_packed": q.qweight.contiguous(),
+                   f"{name}.weight_scale": q.scales.to(dtype).contiguous(),
+                   f"{name}.weight_shape": torch.tensor([q.out_features, q.in_features], dtype=torch.int64)}
     if not symmetric:  # zero points z packed along the output dimension: [words(out), groups]
         tensors[f"{name}.weight_zero_point"] = pack(q.zeros.T.long(), q.bits).T.contiguous()
     if q.bias is not None:
@@ -108,9 +130,11 @@ def check_recipe(passes: list, dense_fallback: bool) -> None:
 
 
 def export_compressed_tensors(path: str | Path, out: str | Path, dense_fallback: bool = False,
-                              dtype: str | None = None, overwrite: bool = False) -> Path:
+                              dtype: str | None = None, overwrite: bool = False, int8_activations: bool = False
+                              ) -> Path:
     """Write the checkpoint at `path` as a compressed-tensors folder `out` (module docstring); `dtype` (float32,
-    float16 or bfloat16; default the checkpoint's) is that of every tensor that is not an integer code."""
+    float16 or bfloat16; default the checkpoint's) is that of every tensor that is not an integer code;
+    `int8_activations` writes the W4A8 variant."""
     checkpoint.check_output(out, overwrite)
     model = checkpoint.load(path, keep_packed=True)
     cc = model.compression_config
@@ -129,16 +153,17 @@ def export_compressed_tensors(path: str | Path, out: str | Path, dense_fallback:
             continue
         for key in [k for k in state if k.startswith(name + ".")]:
             del state[key]
-        reason = why_not_exportable(module) if isinstance(module, QuantLinear) else \
+        symmetric = isinstance(module, QuantLinear) and \
+            next(r["symmetric"] for r in reversed(cc["modules"][name]) if "symmetric" in r)
+        reason = why_not_exportable(module, symmetric, int8_activations) if isinstance(module, QuantLinear) else \
             "pruned storage (vLLM no longer loads 2:4 sparse weights)" if isinstance(module, SparseLinear) else \
             "low-rank factors (the model config has one weight there)"
         if reason is None:
-            symmetric = next(r["symmetric"] for r in reversed(cc["modules"][name]) if "symmetric" in r)
             scheme = weights_args(module.bits, module.group_size, module.in_features, symmetric)
             group = next((g for g, s in schemes.items() if s == scheme), f"group_{len(schemes)}")
             schemes.setdefault(group, scheme)
             groups.setdefault(group, []).append(name)
-            state |= packed_tensors(name, module, symmetric, dtype)
+            state |= packed_tensors(name, module, symmetric, dtype, int8_activations)
             if module.rank:
                 factors[name] = module.low_rank_factors(torch.float32)
         elif dense_fallback:
@@ -158,7 +183,7 @@ def export_compressed_tensors(path: str | Path, out: str | Path, dense_fallback:
     config = json.loads((Path(path) / "config.json").read_text())
     config.pop("compression_config")
     config["dtype"] = str(dtype).removeprefix("torch.")
-    config["quantization_config"] = quantization_config(groups, schemes, sorted(dense))
+    config["quantization_config"] = quantization_config(groups, schemes, sorted(dense), int8_activations)
     if model.config.tie_word_embeddings:  # the tied head is the embedding, saved once
         state.pop("lm_head.weight", None)
     adapter = lora_adapter(factors, dtype, str(Path(out).resolve())) if factors else None

@@ -161,3 +161,23 @@ def test_a_recipe_can_ask_for_the_export(llama_dir, corpus, tmp_path):
         with pytest.raises(CompressorError, match=message):
             compressor.compress(recipe_dict(llama_dir, corpus, passes, output, export=spec), progress=False)
         assert not (tmp_path / name).exists() and not (tmp_path / f"{name}-ct").exists()
+
+
+def test_the_int8_activation_variant_holds_the_same_weights(llama_dir, corpus, tmp_path):
+    from compressed_tensors.compressors import IntQuantizationCompressor
+
+    compressor.compress(recipe_dict(llama_dir, corpus, RECIPES["gptq-w4g32"], tmp_path / "ckpt"), progress=False)
+    out = export_compressed_tensors(tmp_path / "ckpt", tmp_path / "ct", int8_activations=True)
+    config = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
+    assert config.format == "int-quantized"
+    tensors = load_file(out / "model.safetensors")
+    model = compressor.load(tmp_path / "ckpt")
+    for scheme in config.config_groups.values():
+        assert scheme.input_activations.num_bits == 8 and scheme.input_activations.dynamic
+        for name in scheme.targets:
+            local = {k.removeprefix(name + "."): v for k, v in tensors.items() if k.startswith(name + ".")}
+            weight = IntQuantizationCompressor.decompress(local, scheme)["weight"]
+            torch.testing.assert_close(weight, model.get_submodule(name).runtime_weight(torch.float32), rtol=0, atol=0)
+    compressor.compress(recipe_dict(llama_dir, corpus, RECIPES["rtn-w4g32-asym"], tmp_path / "asym"), progress=False)
+    with pytest.raises(CompressorError, match="asymmetric codes"):
+        export_compressed_tensors(tmp_path / "asym", tmp_path / "ct2", int8_activations=True)
