@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 from compressor.checkpoint_format import FORMAT_VERSION, VERSION, read_compression_config
 from compressor.errors import CompressorError, CompressorWarning
 from compressor.nn import RUNTIME_MODULES, PackedLinear, unpack_weights
+from compressor.runtime import is_out_of_memory
 
 
 def versions() -> dict[str, str]:
@@ -95,8 +96,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", keep_packed: bool
         try:
             unpack_weights(model, model.dtype)
         except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
-            if not isinstance(error, (MemoryError, torch.OutOfMemoryError)) \
-                    and "can't allocate memory" not in str(error):  # the CPU allocator's message
+            if not is_out_of_memory(error):
                 raise
             need = sum(m.unpacked_bytes(model.dtype) for m in packed)
             raise CompressorError(f"{path}: unpacking the quantized and pruned weights needs {need / 1e6:.0f} MB "
@@ -106,8 +106,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", keep_packed: bool
 
 
 def build(path: str | Path) -> PreTrainedModel:
-    """The checkpoint's model with its runtime modules in place and weights not yet loaded (under
-    `torch.device("meta")`, shapes only)."""
+    """The checkpoint's model with its runtime modules in place and its weights not yet loaded (built under
+    `torch.device("meta")`, it has the shapes only)."""
     cc = read_compression_config(path)
     if cc is None:
         raise CompressorError(f"{path} is not a compressor checkpoint (no compression_config in config.json)")

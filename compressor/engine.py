@@ -29,6 +29,7 @@ from compressor.models import Adapter
 from compressor.passes import Pass
 from compressor.passes.base import LayerContext, LayerPass, LayerState, layer_output, matches
 from compressor.passes.hessian import window_hessian, with_sink_weight
+from compressor.runtime import is_out_of_memory
 
 
 class _Stop(Exception):
@@ -141,8 +142,7 @@ def apply_linear_pass(p: Pass, model: PreTrainedModel, index: int, layer: nn.Mod
             done.append((name, record))
         return done
     except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
-        if not isinstance(error, (MemoryError, torch.OutOfMemoryError)) \
-                and "can't allocate memory" not in str(error):  # the CPU allocator's message
+        if not is_out_of_memory(error):
             raise
         raise out_of_memory(p.name, index, linears, device) from error
 

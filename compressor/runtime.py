@@ -54,6 +54,13 @@ def warn_if_slow_dtype(model: nn.Module, device: torch.device) -> None:
                       CompressorWarning, stacklevel=1)  # warned from here: once per process
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` says an allocation failed: MemoryError, torch.OutOfMemoryError (CUDA), or the CPU
+    allocator's RuntimeError."""
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MB."""
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
