@@ -199,7 +199,7 @@ def info(checkpoint: str, modules: bool) -> None:
 @click.option("--format", "fmt", type=click.Choice(["compressed-tensors"]), required=True,
               help="compressed-tensors: the folder vLLM and transformers load quantized models from.")
 @click.option("--dense-fallback", is_flag=True, help="Write linears the format cannot hold packed (2/3-bit, "
-              "pruned, low-rank, with LREC factors) as dense weights instead of refusing.")
+              "pruned, low-rank) as dense weights instead of refusing.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
               help="dtype of scales and unquantized weights (default: the checkpoint's).")
 @click.option("--int8-activations", is_flag=True, help="The W4A8 variant for CPU serving: symmetric 4-bit "

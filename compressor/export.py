@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from compressor import checkpoint
+from compressor.checkpoint_format import read_compression_config
 from compressor.errors import CompressorError
 from compressor.formats import pack, unpack
 from compressor.nn import LowRankLinear, PackedLinear, QuantLinear, SparseLinear
@@ -106,10 +107,13 @@ def packed_tensors(name: str, q: QuantLinear, symmetric: bool, dtype: torch.dtyp
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
-    """The dense weight [out, in] a module computes with (LREC factors and low-rank factors multiplied out)."""
+    """The float32 weight [out, in] a linear computes with: rebuilt from a packed form, or the two factors of a
+    low-rank linear (each maybe quantized) multiplied out."""
+    if isinstance(module, LowRankLinear):
+        return dense_weight(module.up) @ dense_weight(module.down)
     if isinstance(module, PackedLinear):
         return module.runtime_weight(torch.float32)
-    return (module.up.weight.float() @ module.down.weight.float())
+    return module.weight.detach().float()
 
 
 def check_recipe(passes: list, dense_fallback: bool) -> None:
@@ -136,11 +140,11 @@ def export_compressed_tensors(path: str | Path, out: str | Path, dense_fallback:
     float16 or bfloat16; default the checkpoint's) is that of every tensor that is not an integer code;
     `int8_activations` writes the W4A8 variant."""
     checkpoint.check_output(out, overwrite)
-    model = checkpoint.load(path, keep_packed=True)
-    cc = model.compression_config
-    if any(r["pass"] == "slice" for records in cc["modules"].values() for r in records):
+    cc = read_compression_config(path)
+    if cc is not None and any(r["pass"] == "slice" for records in cc["modules"].values() for r in records):
         raise CompressorError(f"{path} was sliced: its layers' shapes differ from the model config, which "
                               "vLLM builds the model from; export a checkpoint that was not sliced")
+    model = checkpoint.load(path, keep_packed=True)  # a folder that is not a checkpoint is refused here
     dtype = getattr(torch, dtype) if dtype else model.dtype
     state = {name: t.detach().to(dtype) if t.is_floating_point() else t for name, t in model.state_dict().items()}
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # LREC factors A [in, r], B [r, out]
@@ -148,8 +152,11 @@ def export_compressed_tensors(path: str | Path, out: str | Path, dense_fallback:
     schemes: dict[str, dict] = {}  # config group -> its weights' QuantizationArgs
     dense = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]  # exported as they are
     refused = []
+    low_rank = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
     for name, module in model.named_modules():
         if not isinstance(module, (QuantLinear, SparseLinear, LowRankLinear)):
+            continue
+        if any(name.startswith(parent + ".") for parent in low_rank):  # a factor: its low-rank linear decides
             continue
         for key in [k for k in state if k.startswith(name + ".")]:
             del state[key]

@@ -181,3 +181,19 @@ def test_the_int8_activation_variant_holds_the_same_weights(llama_dir, corpus, t
     compressor.compress(recipe_dict(llama_dir, corpus, RECIPES["rtn-w4g32-asym"], tmp_path / "asym"), progress=False)
     with pytest.raises(CompressorError, match="asymmetric codes"):
         export_compressed_tensors(tmp_path / "asym", tmp_path / "ct2", int8_activations=True)
+
+
+def test_dense_fallback_multiplies_out_quantized_low_rank_factors(llama_dir, corpus, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    passes = [{"lowrank": {"rank": 8, "method": "svd", "targets": ["re:.*mlp.*"]}},
+              {"rtn": {"bits": 4, "group_size": 8}}]
+    compressor.compress(recipe_dict(llama_dir, corpus, passes, tmp_path / "ckpt"), progress=False)
+    out = export_compressed_tensors(tmp_path / "ckpt", tmp_path / "ct", dense_fallback=True)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert "model.layers.0.mlp.up_proj" in config["ignore"]
+    assert not any(t.startswith("model.layers.0.mlp.") for g in config["config_groups"].values() for t in g["targets"])
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(out)(input_ids=IDS).logits
+        ours = compressor.load(tmp_path / "ckpt")(input_ids=IDS).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
