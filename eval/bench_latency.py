@@ -17,7 +17,6 @@ is rewritten from it.
 import argparse
 import json
 import multiprocessing
-import platform
 import resource
 import statistics
 import subprocess
@@ -28,6 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
+from run import code_version, compress_cmd, cpu_name  # eval/run.py: the commit and machine every result names
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("default", "packed")
@@ -74,8 +74,8 @@ def measure_eval(source: str, mode: str, threads: int, windows: int) -> dict:
     """`compress eval` of `source` on the first `windows` windows, in its own process."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "eval.json"
-        subprocess.run([sys.executable, "-m", "compressor.cli", "eval", source, "--windows", str(windows),
-                        "--threads", str(threads), "--json", str(report), *(["--keep-packed"] * (mode == "packed"))],
+        subprocess.run(compress_cmd("eval", source, "--windows", str(windows), "--threads", str(threads),
+                                    "--json", str(report), *(["--keep-packed"] * (mode == "packed"))),
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         r = json.loads(report.read_text())
     return {"model": source, "mode": mode, "threads": threads, "windows": windows, "eval_wall_s": r["eval_wall_s"],
@@ -148,15 +148,12 @@ def write(rows: list[dict], eval_rows: list[dict], commands: list[str], prompts:
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else ""
-    return f"{cpu}, torch {torch.__version__}, float32, CPU"
+    return f"{cpu_name()}, torch {torch.__version__}, float32, CPU"
 
 
 def command() -> str:
-    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
-    return f"`python eval/bench_latency.py {' '.join(sys.argv[1:])}` at commit {commit}, {time.strftime('%Y-%m-%d')}"
+    return (f"`python eval/bench_latency.py {' '.join(sys.argv[1:])}` at commit {code_version()}, "
+            f"{time.strftime('%Y-%m-%d')}")
 
 
 def main() -> None:

@@ -12,12 +12,11 @@ and rewrites compress-time.md.
 import argparse
 import json
 import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+from run import code_version, cpu_name  # eval/run.py: the commit and machine every result names
 
 from compressor.data import calibration_windows, load_documents
 from compressor.engine import apply_linear_pass, capture_layer_inputs, plan, run_layer
@@ -83,12 +82,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     row = time_layer(args.recipe, args.layer, args.samples, args.seqlen)
-    git = [subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-           for args in (["rev-parse", "--short=12", "HEAD"], ["status", "--porcelain", "compressor"])]
-    commit = git[0] + ("+modified" if git[1] else "")  # uncommitted changes to the package
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine())
-    row |= {"commit": commit, "date": time.strftime("%Y-%m-%d"), "machine": cpu, "threads": args.threads,
+    row |= {"commit": code_version(), "date": time.strftime("%Y-%m-%d"), "machine": cpu_name(),
+            "threads": args.threads,
             "load": f"{os.getloadavg()[0]:.1f} (1-minute load average at the end)"}
     print(row, flush=True)
     stem = ROOT / "eval" / "results" / "compress-time"

@@ -257,6 +257,14 @@ def code_version() -> str | None:
     return head.stdout.strip() + ("+modified" if git("diff", "--quiet", "HEAD", "--", "compressor").returncode else "")
 
 
+def cpu_name() -> str:
+    """The processor's model name (/proc/cpuinfo), or the architecture where that is not readable."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    return names[0] if names else platform.machine()
+
+
 class LoadSampler:
     """The machine's mean 1-minute load average while a job runs, sampled every `every` seconds: about the
     job's own thread count when it ran alone, more when other work shared the cores."""
