@@ -95,7 +95,7 @@ def compress_model(model: PreTrainedModel, adapter: Adapter, passes: list[Pass],
         home = next(layer.parameters()).device
         layer.to(device)
         kwargs = _to(layer_kwargs[i], device) if needs_data else {}
-        state = LayerState()  # what the passes on this layer hand each other; dropped with the layer
+        state = LayerState(index=i, config=model.config)  # what the passes on this layer hand each other
         outputs = None  # the compressed layer's outputs, when the last pass to change it computed them
         for k, (p, per_layer) in enumerate(zip(passes, targets, strict=True)):
             start = time.perf_counter()

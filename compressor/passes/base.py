@@ -59,6 +59,8 @@ class LayerState:
 
     pruned: set[str] = field(default_factory=set)  # linears a pruning pass zeroed: their zeros stay zero
     quantized: dict[str, Quantized] = field(default_factory=dict)  # linears a quantization pass made
+    index: int = 0  # the layer's position among the decoder layers
+    config: Any = None  # the model's config (transformers' PretrainedConfig)
 
 
 @dataclass

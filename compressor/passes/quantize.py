@@ -17,7 +17,9 @@ from torch import nn
 
 from compressor.errors import CompressorError
 from compressor.formats import SUPPORTED_BITS, pack
-from compressor.nn import QuantLinear
+from compressor.gguf_blocks import BlockGrid, BlockType, encode
+from compressor.nn import GGUFLinear, QuantLinear
+from compressor.passes import gguf_grid
 from compressor.passes.base import LayerState, ParamError, Pass, Quantized, check_sink_weight
 from compressor.passes.hessian import check_damp, inverse_hessian_cholesky, without_dead_inputs
 from compressor.passes.sweep import Ahead, sweep_columns
@@ -142,17 +144,45 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int
     return rule.codes[:, torch.argsort(perm)], scales, zeros
 
 
+def rtn_blocks(t: BlockType, weight: torch.Tensor, keep_zero: torch.Tensor | None) -> tuple[BlockGrid, torch.Tensor]:
+    """Round to nearest on GGUF block grids fitted to weight [out, in] (compressor/passes/gguf_grid.py);
+    `keep_zero` [out, in]: weights that stay exactly 0 (code 0 of a symmetric type). Returns the grid and codes."""
+    grid = gguf_grid.fit_grid(t, weight, torch.ones(weight.shape[1]))
+    codes = gguf_grid.to_codes(t, weight, *gguf_grid.group_scale_offset(t, grid))
+    return grid, codes if keep_zero is None else codes.masked_fill(keep_zero, 0)
+
+
+def gptq_blocks(t: BlockType, weight: torch.Tensor, hessian: torch.Tensor, damp: float, block_size: int,
+                act_order: bool, keep_zero: torch.Tensor | None) -> tuple[BlockGrid, torch.Tensor]:
+    """GPTQ on GGUF block grids: the grids are fitted to the original weight [out, in] first, weighted by the
+    Hessian's diagonal (as llama.cpp weights by its importance matrix), then fixed while the columns are rounded,
+    so every code lands on a point the GGUF block can hold. Returns the grid and codes [out, in]."""
+    grid = gguf_grid.fit_grid(t, weight.cpu(), torch.diag(hessian).cpu())
+    W, H = without_dead_inputs(weight, hessian)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(W.shape[1], device=W.device)
+    s, b = (v.to(W.device) for v in gguf_grid.group_scale_offset(t, grid))
+    rule = gguf_grid.BlockRounding(t, s, b, perm, keep_zero)
+    sweep_columns(W[:, perm], inverse_hessian_cholesky(H[perm][:, perm], damp), rule, block_size)
+    return grid, rule.codes
+
+
 @dataclass
 class _Quantize(Pass):
     bits: int = 4
     group_size: int | None = 128  # None: one group per output row ("per channel")
     symmetric: bool = True
     clip_search: bool = False  # shrink each group's range where that lowers the rounding error (grid())
+    gguf: str | None = None  # a GGUF block type or llama.cpp file type instead of bits/group_size (gguf_grid.py)
 
     accepts: ClassVar[tuple[str, ...]] = ("dense", "pruned")
-    produces: ClassVar[str] = "quantized"
+
+    @property
+    def produces(self) -> str:  # GGUF blocks keep no float weight for lrec to correct
+        return "gguf" if self.gguf else "quantized"
 
     def validate(self) -> None:
+        if self.gguf is not None:
+            gguf_grid.check_spec(self.gguf)
         if self.bits not in SUPPORTED_BITS:
             raise ParamError("bits", f"got {self.bits}; allowed: {', '.join(map(str, SUPPORTED_BITS))}")
         if self.group_size is not None and self.group_size <= 0:
@@ -161,6 +191,10 @@ class _Quantize(Pass):
 
     def quantize(self, weight: torch.Tensor, stats, group_size: int, pruned: torch.Tensor | None):
         """Codes, scales and zeros for weight [out, in]; the weights in `pruned` [out, in] (or None) must stay 0."""
+        raise NotImplementedError
+
+    def quantize_blocks(self, t: BlockType, weight: torch.Tensor, stats, keep_zero: torch.Tensor | None):
+        """The GGUF grid and codes [out, in] for weight [out, in] in block type t."""
         raise NotImplementedError
 
     def frozen_zeros(self, was_pruned: bool, weight: torch.Tensor) -> torch.Tensor | None:
@@ -174,6 +208,8 @@ class _Quantize(Pass):
         if not torch.isfinite(weight).all():
             raise CompressorError(f"{self.name}: {name} has NaN or Inf weights; the model is broken before "
                                   "compression")
+        if self.gguf:
+            return self.apply_gguf(name, linear, weight, stats, state)
         group_size = self.group_size or linear.in_features
         q = QuantLinear(linear.in_features, linear.out_features, self.bits, group_size, linear.bias is not None,
                         SCALE_DTYPE, linear.weight.dtype).to(linear.weight.device)
@@ -198,6 +234,30 @@ class _Quantize(Pass):
                    "relative_weight_error": error.item(),
                    "runtime": q.runtime_config()}
 
+    def apply_gguf(self, name: str, linear: nn.Linear, weight: torch.Tensor, stats, state: LayerState
+                   ) -> tuple[nn.Module, dict]:
+        """Quantize onto the GGUF block type this linear gets (gguf_grid.tensor_type); a width no block divides
+        stays in float, as llama.cpp keeps it."""
+        t = gguf_grid.tensor_type(self.gguf, name, linear.in_features, state.config)
+        if t is None:
+            return linear, {"pass": self.name, "gguf": self.gguf, "gguf_type": None,
+                            "kept_float": f"no GGUF block divides its {linear.in_features} inputs"}
+        keep_zero = self.frozen_zeros(name in state.pruned, weight)
+        if keep_zero is not None and t.affine:
+            raise CompressorError(f"{self.name}: {name} has weights that must stay 0, which {t.name}'s grid (a "
+                                  "scale and a min) cannot hold; use a symmetric type (Q8_0, Q5_0, Q4_0, Q6_K, Q3_K)")
+        grid, codes = self.quantize_blocks(t, weight, stats, keep_zero)
+        g = GGUFLinear(linear.in_features, linear.out_features, t.name, linear.bias is not None, linear.weight.dtype)
+        g.qweight.copy_(encode(t, grid, codes.cpu()))
+        g = g.to(linear.weight.device)
+        if linear.bias is not None:
+            g.bias.data.copy_(linear.bias.data)
+        error = (g.runtime_weight(torch.float32) - weight).norm() / weight.norm().clamp_min(1e-12)
+        return g, {"pass": self.name, "gguf": self.gguf, "gguf_type": t.name, "symmetric": not t.affine,
+                   "frozen_zeros": 0 if keep_zero is None else int(keep_zero.sum()), "weights": weight.numel(),
+                   "bits_per_weight": t.bits_per_weight, "relative_weight_error": error.item(),
+                   "runtime": g.runtime_config()}
+
 
 @dataclass
 class RTN(_Quantize):
@@ -207,6 +267,9 @@ class RTN(_Quantize):
 
     def quantize(self, weight, stats, group_size, pruned):  # a zero weight rounds to exactly zero on every grid
         return rtn(weight, self.bits, group_size, self.symmetric, self.clip_search)
+
+    def quantize_blocks(self, t, weight, stats, keep_zero):
+        return rtn_blocks(t, weight.cpu(), None if keep_zero is None else keep_zero.cpu())
 
 
 @dataclass
@@ -250,3 +313,8 @@ class GPTQ(_Quantize):
     def quantize(self, weight, hessian, group_size, pruned):
         return gptq(weight, hessian.to(weight.device), self.bits, group_size, self.symmetric, self.damp,
                     self.block_size, self.act_order, self.clip_search, pruned)
+
+    def quantize_blocks(self, t, weight, hessian, keep_zero):
+        grid, codes = gptq_blocks(t, weight, hessian.to(weight.device), self.damp, self.block_size, self.act_order,
+                                  keep_zero)
+        return grid, codes.cpu()
