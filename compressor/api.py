@@ -13,6 +13,8 @@ from compressor.data import calibration_windows, load_documents
 from compressor.engine import compress_model, plan
 from compressor.errors import CompressorError
 from compressor.export import check_recipe, export_compressed_tensors
+from compressor.export_gguf import check_exportable as export_gguf_check
+from compressor.export_gguf import export_gguf
 from compressor.models import LoadedModel, adapter_for, load_model
 from compressor.nn import SparseLinear
 from compressor.passes.prune import store_sparse
@@ -73,7 +75,10 @@ def _compress_loaded(recipe: Recipe, loaded: LoadedModel, overwrite: bool, progr
                                 "parameters": {"dense": dense, "compressed": count_parameters(model)}}
     if recipe.output:
         checkpoint.save(model, tokenizer, recipe.output, model.compression_config, overwrite)
-    if recipe.export:
+    if recipe.export and recipe.export.format == "gguf":
+        export_gguf(recipe.output, recipe.export.output, recipe.export.embedding_type, recipe.export.head_type,
+                    recipe.export.dense_fallback, overwrite)
+    elif recipe.export:
         export_compressed_tensors(recipe.output, recipe.export.output, recipe.export.dense_fallback,
                                   recipe.export.dtype, overwrite)
     return model
@@ -83,7 +88,13 @@ def check_outputs(recipe: Recipe, overwrite: bool) -> None:
     """Refuse, before any work, an output folder that exists and an export that would be refused."""
     if recipe.output:
         checkpoint.check_output(recipe.output, overwrite)
-    if recipe.export:
+    if recipe.export and recipe.export.format == "gguf":
+        if Path(recipe.export.output).exists() and not overwrite:
+            raise CompressorError(f"{recipe.export.output} already exists; choose another export output or pass "
+                                  "--overwrite")
+        export_gguf_check(recipe.passes, recipe.export.dense_fallback, recipe.model, recipe.export.embedding_type,
+                          recipe.export.head_type)
+    elif recipe.export:
         checkpoint.check_output(recipe.export.output, overwrite)
         check_recipe(recipe.passes, recipe.export.dense_fallback)
 

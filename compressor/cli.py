@@ -99,7 +99,7 @@ def run(recipe: str, overwrite: bool, json_path: str | None, windows: int | None
     click.echo(f"run it from Python: model = compressor.load({report['output']!r}) (a transformers model: "
                "forward, generate); `compress info` says what it holds")
     if report.get("export"):
-        click.echo(f"exported: {report['export']} (serve it with `vllm serve {report['export']}`)")
+        click.echo(f"exported: {report['export']}")
     report_path = Path(report["output"]) / "compress_report.json"
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     if json_path:
@@ -196,18 +196,31 @@ def info(checkpoint: str, modules: bool) -> None:
 @main.command(cls=_Command)
 @click.argument("checkpoint", type=click.Path())
 @click.argument("out", type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(["compressed-tensors"]), required=True,
-              help="compressed-tensors: the folder vLLM and transformers load quantized models from.")
-@click.option("--dense-fallback", is_flag=True, help="Write linears the format cannot hold packed (2/3-bit, "
-              "pruned, low-rank) as dense weights instead of refusing.")
+@click.option("--format", "fmt", type=click.Choice(["compressed-tensors", "gguf"]), required=True,
+              help="compressed-tensors: the folder vLLM and transformers load quantized models from; gguf: the "
+              "file llama.cpp runs (OUT ends in .gguf).")
+@click.option("--dense-fallback", is_flag=True, help="Write linears the format cannot hold (compressed-tensors: "
+              "2/3-bit, pruned, low-rank; gguf: anything not quantized with `gguf:`) as dense weights instead of "
+              "refusing.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
-              help="dtype of scales and unquantized weights (default: the checkpoint's).")
-@click.option("--int8-activations", is_flag=True, help="The W4A8 variant for CPU serving: symmetric 4-bit "
-              "weights, activations quantized to int8 per token at run time (vLLM's CPU build runs 4-bit weights so).")
+              help="compressed-tensors: dtype of scales and unquantized weights (default: the checkpoint's).")
+@click.option("--int8-activations", is_flag=True, help="compressed-tensors: the W4A8 variant for CPU serving: "
+              "symmetric 4-bit weights, activations quantized to int8 per token at run time (vLLM's CPU build runs "
+              "4-bit weights so).")
+@click.option("--embedding-type", default="auto", show_default=True, help="gguf: the token embeddings' type "
+              "(F32, F16 or a block type; auto: as llama-quantize's K-quant files).")
+@click.option("--head-type", default="auto", show_default=True, help="gguf: the output head's type (and the "
+              "embeddings' when tied to it).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def export(checkpoint: str, out: str, fmt: str, dense_fallback: bool, dtype: str | None, int8_activations: bool,
-           overwrite: bool) -> None:
-    """Write CHECKPOINT in another format to OUT (a folder)."""
+           embedding_type: str, head_type: str, overwrite: bool) -> None:
+    """Write CHECKPOINT in another format to OUT (a folder; a .gguf file for gguf)."""
+    if fmt == "gguf":
+        from compressor.export_gguf import export_gguf
+
+        path = export_gguf(checkpoint, out, embedding_type, head_type, dense_fallback, overwrite)
+        click.echo(f"wrote {path} (gguf); run it with llama.cpp: `llama-cli -m {path}`")
+        return
     from compressor.export import export_compressed_tensors
 
     path = export_compressed_tensors(checkpoint, out, dense_fallback, dtype, overwrite, int8_activations)

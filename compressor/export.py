@@ -41,7 +41,7 @@ from compressor import checkpoint
 from compressor.checkpoint_format import read_compression_config
 from compressor.errors import CompressorError
 from compressor.formats import pack, unpack
-from compressor.nn import LowRankLinear, PackedLinear, QuantLinear, SparseLinear
+from compressor.nn import GGUFLinear, LowRankLinear, PackedLinear, QuantLinear, SparseLinear
 
 COMPRESSED_TENSORS_VERSION = "0.17.0"  # the version whose format this writes (the one vLLM pins)
 EXPORT_BITS = (4, 8)
@@ -124,6 +124,9 @@ def check_recipe(passes: list, dense_fallback: bool) -> None:
                                   "model from; leave `slice` out of a recipe that exports")
         if dense_fallback:
             continue
+        if getattr(p, "gguf", None):
+            raise CompressorError(f"export: {p.name} with `gguf:` makes GGUF blocks; export them with `format: gguf`, "
+                                  "or set `export: {dense_fallback: true}` to write them dense")
         if getattr(p, "bits", 4) not in EXPORT_BITS:
             raise CompressorError(f"export: {p.name} with {p.bits} bits makes linears vLLM's kernels cannot run "
                                   "(4 or 8 bits); set `export: {dense_fallback: true}` to write them dense")
@@ -154,7 +157,7 @@ def export_compressed_tensors(path: str | Path, out: str | Path, dense_fallback:
     refused = []
     low_rank = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
     for name, module in model.named_modules():
-        if not isinstance(module, (QuantLinear, SparseLinear, LowRankLinear)):
+        if not isinstance(module, (QuantLinear, SparseLinear, LowRankLinear, GGUFLinear)):
             continue
         if any(name.startswith(parent + ".") for parent in low_rank):  # a factor: its low-rank linear decides
             continue
@@ -164,6 +167,7 @@ def export_compressed_tensors(path: str | Path, out: str | Path, dense_fallback:
             next(r["symmetric"] for r in reversed(cc["modules"][name]) if "symmetric" in r)
         reason = why_not_exportable(module, symmetric, int8_activations) if isinstance(module, QuantLinear) else \
             "pruned storage (vLLM no longer loads 2:4 sparse weights)" if isinstance(module, SparseLinear) else \
+            "GGUF blocks (export them with --format gguf)" if isinstance(module, GGUFLinear) else \
             "low-rank factors (the model config has one weight there)"
         if reason is None:
             scheme = weights_args(module.bits, module.group_size, module.in_features, symmetric)

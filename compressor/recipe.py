@@ -38,13 +38,15 @@ class Perplexity:
 
 @dataclass
 class Export:
-    output: str  # the exported folder
+    output: str  # the exported folder (a .gguf file for gguf)
     format: str = "compressed-tensors"
     dense_fallback: bool = False
-    dtype: str | None = None  # None: the checkpoint's
+    dtype: str | None = None  # compressed-tensors: None is the checkpoint's
+    embedding_type: str = "auto"  # gguf: the embeddings' and head's types (compressor/export_gguf.py)
+    head_type: str = "auto"
 
 
-EXPORT_FORMATS = ("compressed-tensors",)
+EXPORT_FORMATS = ("compressed-tensors", "gguf")
 
 
 @dataclass

@@ -36,12 +36,17 @@ class Adapter:
     # measured to work on the family (docs/design-decisions.md).
     refine_reference: str = "layer"
     refine_loss: str = "total"
+    # How llama.cpp stores the family in GGUF, where it differs from transformers: for these model types, q/k rows
+    # in the rotary order of llama.cpp's Llama graph; norm weights w stored as w + offset (Gemma's: 1 + w).
+    gguf_permute_qk: tuple[str, ...] = ()
+    gguf_norm_offset: float = 0.0
 
     def decoder_layers(self, model: PreTrainedModel) -> nn.ModuleList:
         return model.get_submodule(self.layers)
 
 
-LLAMA = Adapter(name="llama", model_types=("llama", "mistral", "qwen2"), sliced_forward=llama_sliced_forward)
+LLAMA = Adapter(name="llama", model_types=("llama", "mistral", "qwen2"), sliced_forward=llama_sliced_forward,
+                gguf_permute_qk=("llama", "mistral"))
 
 # Gemma3 uses "sandwich" norms: a norm on each block's output before the residual add.
 GEMMA3 = Adapter(
@@ -54,6 +59,7 @@ GEMMA3 = Adapter(
     # breaks the model, and fitted layer by layer even `next_norm` made W2 + LREC r16 worse than unrefined.
     refine_reference="model",
     refine_loss="next_norm",
+    gguf_norm_offset=1.0,
 )
 
 ADAPTERS = (LLAMA, GEMMA3)

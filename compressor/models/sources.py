@@ -52,6 +52,14 @@ def resolve(source: str) -> Path | str:
                           "a .gguf file, or a hub id such as org/name")
 
 
+def source_gguf(source: str) -> Path | None:
+    """The GGUF file a model source reads (bundled:NAME or a .gguf path); None for other sources."""
+    if source.startswith("bundled:"):
+        return bundled_gguf(source.removeprefix("bundled:"))
+    path = Path(source).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
 def refuse_compressed(path: Path) -> None:
     """A compressor checkpoint stores its linears packed (codes, sparse values, factors) under names a plain
     model does not have; loaded as one, those linears would come back random. Say how to chain instead."""
