@@ -9,7 +9,8 @@ takes seconds.
     python eval/llama_cpp_check.py check FILE.gguf --checkpoint CKPT [--windows 16] [--json out.json]
     python eval/llama_cpp_check.py check FILE.gguf --model bundled:smollm2-135m [--windows 16]
     python eval/llama_cpp_check.py dense bundled:smollm2-135m OUT-F32.gguf
-    python eval/llama_cpp_check.py quantize Q4_K_M IN-F32.gguf OUT.gguf [--imatrix bundled:smollm2-135m]
+    python eval/llama_cpp_check.py imatrix bundled:smollm2-135m IMATRIX.npz
+    python eval/llama_cpp_check.py quantize Q4_K_M IN-F32.gguf OUT.gguf [--imatrix IMATRIX.npz]
 
 `check` tokenizes the evaluation split (protocol v1's windows) with the checkpoint's or model's tokenizer,
 hands the token ids to llama.cpp (per-token logits, one window at a time, nothing carried over) and reports its
@@ -17,9 +18,9 @@ perplexity; with `--checkpoint`, next to `compress eval`'s of the checkpoint on 
 generate 32 tokens greedily from a few prompts. It also times llama.cpp: prompt processing of 512 tokens and
 generation of 128 tokens, one at a time (as llama-bench's pp512 and tg128).
 `dense` writes the uncompressed model (float32 weights) in the source GGUF's layout: what llama.cpp quantizes.
-`quantize` runs llama.cpp's quantizer (llama_model_quantize) on it; `--imatrix SOURCE` first computes an
-importance matrix as llama.cpp's imatrix tool defines it (per linear, the mean of each input's square) on the
-calibration windows our recipes use (wikileads-calib-v1, 64 x 2048, seed 0) and hands it to the quantizer.
+`imatrix` computes an importance matrix as llama.cpp's imatrix tool defines it (per linear, the mean of each
+input's square) on the calibration windows our recipes use (wikileads-calib-v1, 64 x 2048, seed 0);
+`quantize` runs llama.cpp's quantizer (llama_model_quantize) on the dense file, with that matrix if given.
 llama.cpp runs with OMP_WAIT_POLICY=passive: on a shared machine spinning threads slow it many times over.
 """
 
@@ -230,6 +231,7 @@ def dense(source: str, out: str) -> None:
     from compressor.models.sources import source_gguf
 
     loaded = load_model(source)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     write_gguf(loaded.model, loaded.adapter, source_gguf(source), Path(out), "F32", "F32", False, "ALL_F32", "F32")
     print(f"wrote {out}: {tensor_types(out)}")
 
@@ -269,21 +271,22 @@ def importance_matrix(source: str, out: str, threads: int) -> None:
     windows = calibration_windows(loaded.tokenizer, docs, 64, 2048, 0)
     with torch.no_grad():
         for window in windows:
-            model(window[None])
+            model.base_model(window[None])  # the decoder: the output head's logits are not needed
     np.savez(out, **{name: (sums[name] / counts[name]).float().numpy() for name in sums})
 
 
-def quantize(file_type: str, source_file: str, out: str, imatrix_source: str | None, threads: int) -> None:
+def quantize(file_type: str, source_file: str, out: str, imatrix: str | None, threads: int) -> None:
+    if not Path(source_file).is_file():
+        print(f"{source_file} does not exist; write the float model with: python {Path(__file__).relative_to(ROOT)} "
+              "dense MODEL FILE.gguf", file=sys.stderr)
+        sys.exit(2)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     job = {"task": "quantize", "file_type": file_type, "input": str(Path(source_file).resolve()),
            "output": str(Path(out).resolve()), "threads": threads}
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        if imatrix_source:
-            importance_matrix(imatrix_source, f"{tmp}/imatrix.npz", threads)
-            job["imatrix"] = f"{tmp}/imatrix.npz"
-        result = in_venv(job)
-    print(json.dumps({"output": out, "file_type": file_type, "imatrix": imatrix_source,
-                      "quantize_seconds": result["seconds"], "total_seconds": time.perf_counter() - start,
+    if imatrix:
+        job["imatrix"] = str(Path(imatrix).resolve())
+    result = in_venv(job)
+    print(json.dumps({"output": out, "file_type": file_type, "imatrix": imatrix, "quantize_seconds": result["seconds"],
                       "file_bytes": Path(out).stat().st_size, "tensor_types": tensor_types(out)}, indent=2))
 
 
@@ -306,7 +309,11 @@ def main() -> None:
     p.add_argument("file_type", choices=FILE_TYPES)
     p.add_argument("input")
     p.add_argument("out")
-    p.add_argument("--imatrix", metavar="SOURCE", help="compute an importance matrix on this model's activations")
+    p.add_argument("--imatrix", metavar="FILE.npz", help="an importance matrix (the imatrix command)")
+    p.add_argument("--threads", type=int, default=2)
+    p = commands.add_parser("imatrix", help="llama.cpp's importance matrix of a model on our calibration windows")
+    p.add_argument("model")
+    p.add_argument("out", help="FILE.npz")
     p.add_argument("--threads", type=int, default=2)
     p = commands.add_parser("worker")
     p.add_argument("job")
@@ -319,6 +326,10 @@ def main() -> None:
         check(args.gguf, args.checkpoint, args.model, args.windows, args.threads, args.json)
     elif args.command == "dense":
         dense(args.model, args.out)
+    elif args.command == "imatrix":
+        start = time.perf_counter()
+        importance_matrix(args.model, args.out, args.threads)
+        print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s")
     else:
         quantize(args.file_type, args.input, args.out, args.imatrix, args.threads)
 
