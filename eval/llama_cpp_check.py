@@ -14,8 +14,9 @@ takes seconds.
 
 `check` tokenizes the evaluation split (protocol v1's windows) with the checkpoint's or model's tokenizer,
 hands the token ids to llama.cpp (per-token logits, one window at a time, nothing carried over) and reports its
-perplexity; with `--checkpoint`, next to `compress eval`'s of the checkpoint on the same windows, and both
-generate 32 tokens greedily from a few prompts. It also times llama.cpp: prompt processing of 512 tokens and
+perplexity; with `--checkpoint`, next to `compress eval`'s of the checkpoint on the same windows (its embeddings
+and head replaced by the file's, which the export rounded), and both generate 32 tokens greedily from a few
+prompts. It also times llama.cpp: prompt processing of 512 tokens and
 generation of 128 tokens, one at a time (as llama-bench's pp512 and tg128).
 `dense` writes the uncompressed model (float32 weights) in the source GGUF's layout: what llama.cpp quantizes.
 `imatrix` computes an importance matrix as llama.cpp's imatrix tool defines it (per linear, the mean of each
@@ -182,6 +183,7 @@ def check(gguf_file: str, checkpoint: str | None, model_source: str | None, wind
     torch.set_num_threads(threads)
     if checkpoint:
         model, tokenizer = compressor.load(checkpoint), AutoTokenizer.from_pretrained(checkpoint)
+        ends_as_in(model, gguf_file)
     else:
         loaded = load_model(model_source)
         model, tokenizer = loaded.model, loaded.tokenizer
@@ -207,6 +209,20 @@ def check(gguf_file: str, checkpoint: str | None, model_source: str | None, wind
     if out_json:
         Path(out_json).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def ends_as_in(model, gguf_file: str) -> None:
+    """Give `model` the embeddings and head of the GGUF file: the export rounds them (the checkpoint keeps them in
+    float), and the comparison is of two engines computing with the same weights."""
+    import gguf
+    import torch
+
+    tensors = {t.name: t for t in gguf.GGUFReader(gguf_file).tensors}
+    ends = {"token_embd.weight": model.get_input_embeddings(), "output.weight": model.get_output_embeddings()}
+    for name, module in ends.items():
+        if name in tensors:
+            weight = gguf.quants.dequantize(tensors[name].data, tensors[name].tensor_type)
+            module.weight.data = torch.from_numpy(weight.reshape(module.weight.shape).copy()).to(module.weight.dtype)
 
 
 def compare_greedy(model, tokenizer, prompts: list[list[int]], theirs_all: list[list[int]]) -> list[dict]:
