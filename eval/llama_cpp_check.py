@@ -128,8 +128,9 @@ def speed(gguf: str, ids: list[int], threads: int) -> dict:
         llm.eval(ids[:512])
         prompt.append(512 / (time.perf_counter() - start))
         start = time.perf_counter()
-        for _ in range(128):
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        for _ in range(128):  # without logits_all, llama.cpp's buffer holds the last position's logits
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+            llm.eval([int(np.argmax(logits))])
         generate.append(128 / (time.perf_counter() - start))
     return {"prompt_tokens_per_s": max(prompt), "generate_tokens_per_s": max(generate)}
 
