@@ -74,20 +74,21 @@ def check_exportable(passes: list, dense_fallback: bool, source: str, embedding_
     check_type(head_type, "head_type")
     if source_gguf(source) is None:
         raise CompressorError(NOT_FROM_GGUF.format(source=source))
-    for p in passes:
+    for i, p in enumerate(passes):
         if p.name == "slice":
             raise CompressorError("export to GGUF: a sliced model's shapes differ from what llama.cpp builds from "
                                   "the metadata; leave `slice` out of a recipe that exports to GGUF")
-        if dense_fallback:
+        if dense_fallback or p.produces == "gguf":
             continue
-        if p.name in ("rtn", "gptq") and not getattr(p, "gguf", None):
-            raise CompressorError(f"export to GGUF: {p.name} without `gguf:` makes our own integer grid, which GGUF "
-                                  f"cannot hold; quantize with `{p.name}: {{gguf: Q4_K}}` (or llama:Q4_K_M, ...), or "
+        if p.produces == "quantized":
+            raise CompressorError(f"export to GGUF: {p.name} makes our own integer grid (or low-rank factors), which "
+                                  "GGUF cannot hold; quantize with `gptq: {gguf: Q4_K}` (or llama:Q4_K_M, ...), or "
                                   "set `export: {dense_fallback: true}` to write those linears in float16")
-        if p.name in ("lowrank", "lrec", "lrec_refine", "magnitude", "wanda", "sparsegpt"):
-            raise CompressorError(f"export to GGUF: {p.name} makes linears GGUF cannot hold (low-rank factors or "
-                                  "pruned storage); leave it out, or set `export: {dense_fallback: true}` to write "
-                                  "them in float16")
+        pruned_then_gguf = p.produces == "pruned" and any(q.produces == "gguf" for q in passes[i + 1:])
+        if p.produces in ("pruned", "lowrank") and not pruned_then_gguf:
+            raise CompressorError(f"export to GGUF: {p.name} makes linears GGUF cannot hold ({p.produces} storage); "
+                                  "quantize them with `gguf:` after it, or set `export: {dense_fallback: true}` to "
+                                  "write them in float16")
 
 
 def export_gguf(path: str | Path, out: str | Path, embedding_type: str = "auto", head_type: str = "auto",

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 import compressor
 from compressor.cli import main
 from compressor.errors import CompressorError
-from compressor.export_gguf import export_gguf
+from compressor.export_gguf import check_exportable, export_gguf
 from compressor.gguf_blocks import BLOCK_TYPES, BlockGrid, decode, encode, weight
 from compressor.models.sources import bundled_gguf
 from compressor.nn import GGUFLinear
@@ -150,3 +150,21 @@ def test_export_refuses_what_gguf_cannot_hold_and_writes_nothing(smollm2_q4_k_m,
     assert not list(tmp_path.glob("*hf.gguf*"))
     config = json.loads((smollm2_q4_k_m / "config.json").read_text())
     assert config["compression_config"]["modules"]
+
+
+@pytest.mark.parametrize("passes, refused", [
+    ([{"gptq": {"gguf": "llama:Q4_K_M"}}], None),
+    ([{"sparsegpt": {"pattern": "2:4"}}, {"gptq": {"gguf": "Q4_0"}}], None),
+    ([{"rtn": {"bits": 4}}], "rtn"),
+    ([{"wanda": {"sparsity": 0.5}}], "wanda"),
+    ([{"gptq": {"bits": 4}}, {"lrec": {"rank": 8}}], "gptq"),
+    ([{"lowrank": {"param_ratio": 0.8}}], "lowrank"),
+])
+def test_a_recipe_exporting_to_gguf_is_checked_before_it_runs(passes, refused):
+    recipe = load_recipe({"model": "bundled:smollm2-135m", "passes": passes, "output": "o"})
+    if refused is None:
+        check_exportable(recipe.passes, False, recipe.model)
+        return
+    with pytest.raises(CompressorError, match=f"export to GGUF: {refused}"):
+        check_exportable(recipe.passes, False, recipe.model)
+    check_exportable(recipe.passes, True, recipe.model)  # --dense-fallback writes them in float16
