@@ -14,6 +14,7 @@ from compressor.engine import compress_model, plan
 from compressor.errors import CompressorError
 from compressor.export import check_recipe, export_compressed_tensors
 from compressor.export_gguf import check_exportable as export_gguf_check
+from compressor.export_gguf import check_output as export_gguf_check_output
 from compressor.export_gguf import export_gguf
 from compressor.models import LoadedModel, adapter_for, load_model
 from compressor.nn import SparseLinear
@@ -89,9 +90,7 @@ def check_outputs(recipe: Recipe, overwrite: bool) -> None:
     if recipe.output:
         checkpoint.check_output(recipe.output, overwrite)
     if recipe.export and recipe.export.format == "gguf":
-        if Path(recipe.export.output).exists() and not overwrite:
-            raise CompressorError(f"{recipe.export.output} already exists; choose another export output or pass "
-                                  "--overwrite")
+        export_gguf_check_output(recipe.export.output, overwrite)
         export_gguf_check(recipe.passes, recipe.export.dense_fallback, recipe.model, recipe.export.embedding_type,
                           recipe.export.head_type)
     elif recipe.export:

@@ -36,7 +36,7 @@ from compressor.gguf_blocks import BLOCK_TYPES, encode
 from compressor.models import Adapter, adapter_for
 from compressor.models.sources import source_gguf
 from compressor.nn import GGUFLinear, LowRankLinear, PackedLinear
-from compressor.passes.gguf_grid import FALLBACK
+from compressor.passes.gguf_grid import fit_width
 from compressor.passes.quantize import rtn_blocks
 
 FLOAT_TYPES = ("F32", "F16")
@@ -60,11 +60,16 @@ def end_type(name: str, width: int, head: bool) -> str:
     """The GGUF type of the embeddings or head (`name`: auto, a float or a block type) for rows of `width`."""
     if name == "auto":
         name = "Q6_K" if head else "Q4_K"
-    if name in BLOCK_TYPES and width % BLOCK_TYPES[name].block:
-        name = FALLBACK.get(name, name)
-    if name in BLOCK_TYPES and width % BLOCK_TYPES[name].block:
-        name = "F16"
-    return name
+    return name if name in FLOAT_TYPES else fit_width(name, width) or "F16"
+
+
+def check_output(out: str | Path, overwrite: bool) -> None:
+    """Refuse an output that is not a .gguf file name, or that exists unless `overwrite`."""
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise CompressorError(f"GGUF output {out} should be a file name ending in .gguf")
+    if out.exists() and not overwrite:
+        raise CompressorError(f"{out} already exists; choose another output or pass --overwrite")
 
 
 def check_exportable(passes: list, dense_fallback: bool, source: str, embedding_type: str = "auto",
@@ -97,10 +102,7 @@ def export_gguf(path: str | Path, out: str | Path, embedding_type: str = "auto",
     out = Path(out)
     check_type(embedding_type, "embedding_type")
     check_type(head_type, "head_type")
-    if out.suffix != ".gguf":
-        raise CompressorError(f"GGUF output {out} should be a file name ending in .gguf")
-    if out.exists() and not overwrite:
-        raise CompressorError(f"{out} already exists; choose another output or pass --overwrite")
+    check_output(out, overwrite)
     cc = read_compression_config(path)
     if cc is None:
         raise CompressorError(f"{path} is not a compressor checkpoint (no compression_config in its config.json)")

@@ -65,9 +65,16 @@ def tensor_type(spec: str, name: str, in_features: int, config) -> BlockType | N
         n_gqa = config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or
                                                config.num_attention_heads)
         spec = llama_type(spec.removeprefix("llama:"), name, index, config.num_hidden_layers, n_gqa)
-    if in_features % BLOCK_TYPES[spec].block:
-        spec = FALLBACK.get(spec, spec)
-    return BLOCK_TYPES[spec] if in_features % BLOCK_TYPES[spec].block == 0 else None
+    fitted = fit_width(spec, in_features)
+    return BLOCK_TYPES[fitted] if fitted else None
+
+
+def fit_width(type_name: str, width: int) -> str | None:
+    """Block type `type_name`, or llama.cpp's fallback where its block does not divide `width` (rows of that
+    width); None where neither fits."""
+    if width % BLOCK_TYPES[type_name].block:
+        type_name = FALLBACK.get(type_name, type_name)
+    return type_name if width % BLOCK_TYPES[type_name].block == 0 else None
 
 
 def to_codes(t: BlockType, w: torch.Tensor, s: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
