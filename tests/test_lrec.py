@@ -12,7 +12,7 @@ from compressor.nn import QuantLinear
 from compressor.passes import lrec_refine
 from compressor.passes.base import LayerState
 from compressor.passes.factors import round_factors, store_factors
-from compressor.passes.hessian import output_error
+from compressor.passes.hessian import inverse_hessian_cholesky, output_error
 from compressor.passes.lrec import LREC, fit_integer_factors, round_with_feedback
 from compressor.passes.quantize import RTN
 from compressor.passes.svd import split_factors, whitened_svd
@@ -374,7 +374,7 @@ def test_rounding_with_feedback_beats_rounding_alone():
     hessian = x.T @ x
     w = torch.randn(6, 32, generator=g)
     scale = w.abs().amax(1, keepdim=True) / 7
-    rounded = round_with_feedback(w, hessian, scale, 7, damp=0.01)
+    rounded = round_with_feedback(w, inverse_hessian_cholesky(hessian, 0.01), scale, 7)
     codes = rounded / scale
     torch.testing.assert_close(codes, codes.round())  # on the grid
     assert codes.abs().max() <= 7

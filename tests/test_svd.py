@@ -34,3 +34,23 @@ def test_energy_rank_keeps_at_least_the_asked_energy():
     assert energy_rank(sigma, 0.64) == 2
     assert energy_rank(sigma, 0.99) == 4
     assert energy_rank(sigma, 1.0) == 4
+
+
+def test_leading_terms_match_the_full_svd_on_both_orientations():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 40, generator=g)
+    for shape in [(40, 90), (40, 25)]:
+        M = torch.randn(*shape, generator=g)
+        full = split_factors(*whitened_svd(M, x.T @ x), 7)
+        lead = split_factors(*whitened_svd(M, x.T @ x, rank=7), 7)
+        torch.testing.assert_close(lead[0] @ lead[1], full[0] @ full[1], atol=1e-5, rtol=1e-5)
+        plain = whitened_svd(M, None, rank=7)
+        assert plain[0].shape == (40, 7) and plain[2].shape == (7, shape[1])
+        torch.testing.assert_close(plain[1], torch.linalg.svdvals(M.double())[:7])
+
+
+def test_leading_terms_of_a_rank_deficient_matrix_stay_finite():
+    M = torch.randn(12, 3) @ torch.randn(3, 20)
+    A, B = split_factors(*whitened_svd(M, None, rank=6), 6)
+    assert torch.isfinite(A).all() and torch.isfinite(B).all()
+    torch.testing.assert_close(A @ B, M, atol=1e-4, rtol=1e-4)

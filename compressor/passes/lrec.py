@@ -56,20 +56,19 @@ class FactorRounding:
         return (ahead.columns(1)[:, 0] / scale).round().clamp(-self.top, self.top) * scale
 
 
-def round_with_feedback(w: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, top: int, damp: float
-                        ) -> torch.Tensor:
+def round_with_feedback(w: torch.Tensor, hinv: torch.Tensor, scale: torch.Tensor, top: int) -> torch.Tensor:
     """w [rows, n] rounded to the grid scale * {-top, ..., top} (scale broadcasts to [rows, n]) column by
-    column, each column's rounding error spread over the columns not yet rounded through the inverse of
-    hessian [n, n], as GPTQ does (one block: sweep_columns): minimises sum over rows of (w - w') H (w - w')^T
-    better than rounding alone."""
+    column, each column's rounding error spread over the columns not yet rounded through hinv [n, n], the
+    inverse_hessian_cholesky of a Hessian H, as GPTQ does (sweep_columns): minimises sum over rows of
+    (w - w') H (w - w')^T better than rounding alone."""
     W = w.clone().float()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale)).expand_as(W).float()
-    Hinv = inverse_hessian_cholesky(hessian.float(), damp)  # [n, n] upper
-    return sweep_columns(W, Hinv, FactorRounding(scale, top), block_size=W.shape[1])
+    return sweep_columns(W, hinv, FactorRounding(scale, top), block_size=128)
 
 
 def fit_integer_factors(a: torch.Tensor, b: torch.Tensor, error: torch.Tensor, hessian: torch.Tensor | None,
-                        bits: int, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+                        bits: int, damp: float = 0.01, hinv: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors A [in, r], B [r, out] from the SVD, fitted to `bits`-bit codes with a scale per rank (as
     store_factors stores them) for the output error ||X (error^T - A B)||^2 (H = X^T X [in, in];
     None: plain Frobenius, rounding only):
@@ -78,17 +77,20 @@ def fit_integer_factors(a: torch.Tensor, b: torch.Tensor, error: torch.Tensor, h
     2. B refitted to the rounded A' by least squares: B* = (A'^T H A')^-1 A'^T H error^T.
     3. B* rounded with feedback in G = A'^T H A' [r, r]: the error left is tr((B* - B')^T G (B* - B')).
     Returns float32 factors on the grids, which storing keeps (up to a rank whose codes no longer reach
-    the grid's end, which storing then rounds again on a finer grid)."""
+    the grid's end, which storing then rounds again on a finer grid). `hinv`: H's inverse_hessian_cholesky
+    when already computed (the same H for every round of `alternate`)."""
     top = 2 ** (bits - 1) - 1
     if hessian is not None:
-        a = round_with_feedback(a.T, hessian, a.abs().amax(0)[:, None] / top, top, damp).T
+        hinv = inverse_hessian_cholesky(hessian.float(), damp) if hinv is None else hinv
+        a = round_with_feedback(a.T, hinv, a.abs().amax(0)[:, None] / top, top).T
     a, _ = round_factors(a, b, bits)  # as storing keeps it
     ha = a.double() if hessian is None else hessian.double() @ a.double()  # [in, r]
     gram = a.double().T @ ha  # [r, r]
     ridge = 1e-9 * gram.diagonal().mean().clamp_min(1e-30) * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
     b = torch.linalg.solve(gram + ridge, ha.T @ error.T.double()).float()  # [r, out]
     if hessian is not None:
-        b = round_with_feedback(b.T, gram, b.abs().amax(1)[None, :] / top, top, damp).T
+        gram_inv = inverse_hessian_cholesky(gram.float(), damp)
+        b = round_with_feedback(b.T, gram_inv, b.abs().amax(1)[None, :] / top, top).T
     return a, b
 
 
@@ -155,10 +157,11 @@ class LREC(Pass):
         best = None  # (output error, the state of q that gave it): a round that does worse is not kept
         basis = hessian if self.whiten else None  # None: plain SVD, plain Frobenius error
         whitened = whitening(hessian, self.damp) if self.whiten else None  # H's eigenbasis: once, not per round
+        hinv = inverse_hessian_cholesky(hessian.float(), self.damp) if self.whiten and self.factor_bits < 16 else None
         for step in range(self.alternate + 1):
-            factors = split_factors(*whitened_svd(error.T, basis, self.damp, whitened), rank)
+            factors = split_factors(*whitened_svd(error.T, basis, self.damp, whitened, rank), rank)
             if self.factor_bits < 16:
-                factors = fit_integer_factors(*factors, error, basis, self.factor_bits, self.damp)
+                factors = fit_integer_factors(*factors, error, basis, self.factor_bits, self.damp, hinv)
             store_factors(q, *factors, self.factor_bits)
             a, b = q.low_rank_factors()
             correction = (a @ b).T  # [out, in], as stored
