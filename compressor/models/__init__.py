@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from compressor.models.adapters import ADAPTERS, Adapter, adapter_for, supported_model_types
+from compressor.models.adapters import ADAPTERS, Adapter, adapter_for
 from compressor.models.sources import BUNDLED, load_pretrained, resolve
 
 
@@ -27,5 +27,4 @@ def load_model(source: str, dtype: str = "float32") -> LoadedModel:
     return LoadedModel(model, tokenizer, adapter, source, location if isinstance(location, Path) else None)
 
 
-__all__ = ["ADAPTERS", "BUNDLED", "Adapter", "LoadedModel", "adapter_for", "load_model",
-           "supported_model_types"]
+__all__ = ["ADAPTERS", "BUNDLED", "Adapter", "LoadedModel", "adapter_for", "load_model"]

@@ -2,6 +2,8 @@
 
 For each family: the decoder layers, embeddings, final norm and head; inside a layer, which linears
 read the residual stream (after which norm) and which write it (after which output norm, if any).
+A family listed in ADAPTERS has quirks the passes need to know (Gemma's sandwich norms, slicing's layer
+forward, llama.cpp's storage); any other causal LM gets an adapter discovered from its structure.
 """
 
 from collections.abc import Callable
@@ -20,16 +22,17 @@ class Adapter:
     model_types: tuple[str, ...]
     layers: str = "model.layers"
     embeddings: str = "model.embed_tokens"
-    final_norm: str = "model.norm"
     head: str = "lm_head"
-    # Inside a decoder layer: (norm that feeds them, linears that read the residual stream).
-    attn_inputs: tuple[str, tuple[str, ...]] = ("input_layernorm",
-                                                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
-    mlp_inputs: tuple[str, tuple[str, ...]] = ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))
+    final_norm: str | None = "model.norm"  # None: discovered, none found
+    # Inside a decoder layer: (norm that feeds them, linears that read the residual stream); None: not known (a
+    # discovered family whose layer does not have the Llama layout), and the passes that need it refuse.
+    attn_inputs: tuple[str, tuple[str, ...]] | None = (
+        "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
+    mlp_inputs: tuple[str, tuple[str, ...]] | None = ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))
     # Linears that write the residual stream, and the norm applied to their output before the add
     # (None: plain pre-norm block).
-    attn_output: tuple[str, str | None] = ("self_attn.o_proj", None)
-    mlp_output: tuple[str, str | None] = ("mlp.down_proj", None)
+    attn_output: tuple[str, str | None] | None = ("self_attn.o_proj", None)
+    mlp_output: tuple[str, str | None] | None = ("mlp.down_proj", None)
     # The decoder layer's forward with shortcut matrices on the residual connections (None: cannot be sliced).
     sliced_forward: Callable | None = None
     # lrec_refine's defaults for `reference` and `loss` (what a recipe that leaves them out gets): the settings
@@ -48,10 +51,10 @@ class Adapter:
 LLAMA = Adapter(name="llama", model_types=("llama", "mistral", "qwen2"), sliced_forward=llama_sliced_forward,
                 gguf_permute_qk=("llama", "mistral"))
 
-# Gemma3 uses "sandwich" norms: a norm on each block's output before the residual add.
+# Gemma-3 (and Gemma-2) use "sandwich" norms: a norm on each block's output before the residual add.
 GEMMA3 = Adapter(
     name="gemma3",
-    model_types=("gemma3_text",),
+    model_types=("gemma3_text", "gemma2"),
     mlp_inputs=("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     attn_output=("self_attn.o_proj", "post_attention_layernorm"),
     mlp_output=("mlp.down_proj", "post_feedforward_layernorm"),
@@ -65,17 +68,60 @@ GEMMA3 = Adapter(
 ADAPTERS = (LLAMA, GEMMA3)
 
 
-def supported_model_types() -> list[str]:
-    return [t for a in ADAPTERS for t in a.model_types]
-
-
 def adapter_for(model: PreTrainedModel) -> Adapter:
+    """The adapter of a listed family, else one discovered from the model's structure (`discover`)."""
     model_type = model.config.model_type
     for adapter in ADAPTERS:
         if model_type in adapter.model_types:
             return adapter
-    raise CompressorError(f"architecture {model_type!r} ({type(model).__name__}) is not supported; "
-                          f"supported model types: {', '.join(supported_model_types())}")
+    return discover(model)
+
+
+def discover(model: PreTrainedModel) -> Adapter:
+    """An adapter for a causal LM of a family not in ADAPTERS, found from its structure as transformers builds
+    models: the decoder layers are the ModuleList of `config.num_hidden_layers` blocks of one class; the embeddings
+    and the head are what get_input_embeddings() and get_output_embeddings() return; the final norm is the norm
+    module beside the layers. Inside a layer, the Llama layout is used where the layer has it (q/k/v after
+    input_layernorm, ...); otherwise it stays unknown and the passes that need it (slice, lrec_refine's next_norm
+    loss) refuse."""
+    names = {module: name for name, module in model.named_modules()}
+    head = model.get_output_embeddings()
+    if head is None or model.get_input_embeddings() is None:
+        raise CompressorError(f"{type(model).__name__} has no input embeddings or no output head; the toolkit "
+                              "compresses decoder-only language models (AutoModelForCausalLM)")
+    layers = decoder_blocks(model)
+    layers_name = names[layers]
+    parent = model.get_submodule(layers_name.rpartition(".")[0]) if "." in layers_name else model
+    norms = [names[m] for m in parent.children() if m is not layers and type(m).__name__.lower().endswith("norm")]
+    final_norm = norms[0] if len(norms) == 1 else None
+    layer = layers[0]
+    llama_layout = all(has_submodule(layer, name) for name in (
+        "input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+        "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+    layout = {} if llama_layout else {"attn_inputs": None, "mlp_inputs": None, "attn_output": None,
+                                      "mlp_output": None}
+    return Adapter(name=model.config.model_type, model_types=(model.config.model_type,), layers=layers_name,
+                   embeddings=names[model.get_input_embeddings()], final_norm=final_norm, head=names[head], **layout)
+
+
+def decoder_blocks(model: PreTrainedModel) -> nn.ModuleList:
+    """The ModuleList of the model's `num_hidden_layers` decoder blocks, all of one class."""
+    count = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    blocks = [m for _, m in found if len(m) == count and len({type(b) for b in m}) == 1]
+    if len(blocks) != 1:
+        seen = ", ".join(f"{name} ({len(m)} x {type(m[0]).__name__})" for name, m in found) or "no module lists"
+        raise CompressorError(f"cannot find the decoder layers of {type(model).__name__}: expected one list of "
+                              f"{count} blocks of one class (config.num_hidden_layers), found {seen}")
+    return blocks[0]
+
+
+def has_submodule(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
 
 
 def adapter_named(name: str) -> Adapter:

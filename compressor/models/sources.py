@@ -14,7 +14,15 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from compressor.checkpoint_format import read_compression_config
 from compressor.errors import CompressorError
@@ -151,6 +159,7 @@ def load_pretrained(location: Path | str, dtype: torch.dtype,
         raise CompressorError(f"{location} is a compressed-tensors checkpoint (format {packed.get('format')}); "
                               "reading it needs that package: pip install compressed-tensors")
     try:
+        check_causal_lm(AutoConfig.from_pretrained(str(location)), location)
         tokenizer = AutoTokenizer.from_pretrained(str(location))
         model = AutoModelForCausalLM.from_pretrained(str(location), dtype=dtype)
     except OSError as e:
@@ -167,6 +176,14 @@ def load_pretrained(location: Path | str, dtype: torch.dtype,
         with torch.no_grad():  # call the decoder layers directly, so run that forward now
             model(input_ids=torch.zeros((1, 1), dtype=torch.long))
     return model.eval(), tokenizer
+
+
+def check_causal_lm(config: PretrainedConfig, location: Path | str) -> None:
+    """Refuse a model that transformers has no causal-LM class for (encoder-decoder, encoder-only, vision)."""
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise CompressorError(f"{location}: model type {config.model_type!r} ({', '.join(config.architectures or [])})"
+                              " is not a causal language model in transformers; the toolkit compresses decoder-only "
+                              "language models (those AutoModelForCausalLM loads)")
 
 
 def compressed_tensors_config(location: Path | str) -> dict | None:

@@ -119,6 +119,13 @@ class LRECRefine(LayerPass):
         if not self.lr > 0:
             raise ParamError("lr", f"got {self.lr}; use a positive learning rate, e.g. 1e-3")
 
+    def check_model(self, model: nn.Module, adapter) -> None:
+        knows_norms = adapter.attn_inputs is not None and adapter.final_norm is not None
+        if (self.loss or adapter.refine_loss) == "next_norm" and not knows_norms:
+            raise CompressorError(f"lrec_refine: loss next_norm needs the norm through which the model reads each "
+                                  f"layer's output, which is not known for {adapter.name} models; use loss: total "
+                                  "or channel")
+
     def new_run(self) -> RefineRun:
         return RefineRun()
 
@@ -236,7 +243,7 @@ def store(linears: dict[str, QuantLinear], factors: dict, scale_factors: dict) -
 def next_norm(model: nn.Module, adapter, index: int) -> nn.Module:
     """A frozen copy of the norm through which the model reads decoder layer `index`'s output: the next
     layer's input norm, or after the last layer the final norm."""
-    layers = adapter.decoder_layers(model)
+    layers = adapter.decoder_layers(model)  # (LRECRefine.check_model: the adapter knows both norms)
     if index + 1 < len(layers):
         norm = layers[index + 1].get_submodule(adapter.attn_inputs[0])
     else:

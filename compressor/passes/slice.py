@@ -142,8 +142,9 @@ class Slice(LayerPass):
         if any(layer >= n_layers for layer in self.layer_fractions):
             raise ParamError("layer_fractions", f"slice: layer_fractions names layers {sorted(self.layer_fractions)}, "
                                                 f"but the model has {n_layers} decoder layers (0 to {n_layers - 1})")
-        for block, (writer, norm) in [("attention", adapter.attn_output), ("MLP", adapter.mlp_output)]:
-            if norm is not None:
+        for block, output in [("attention", adapter.attn_output), ("MLP", adapter.mlp_output)]:
+            if output is not None and output[1] is not None:
+                writer, norm = output
                 raise CompressorError(
                     f"slice: {adapter.name} models normalise each {block} output ({norm} after {writer}) before "
                     "adding it to the residual stream; that norm acts on the unrotated output, so slicing would "

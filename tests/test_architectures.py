@@ -1,0 +1,91 @@
+"""Families found, not listed: tiny random models of each, compressed by every pass kind, saved and reloaded."""
+
+import pytest
+import torch
+import transformers as T
+from conftest import COMMON, byte_tokenizer, recipe_dict
+
+import compressor
+from compressor.errors import CompressorError
+from compressor.models import adapter_for
+
+IDS = dict(pad_token_id=0, bos_token_id=256, eos_token_id=256)
+MOE = dict(num_experts_per_tok=2, head_dim=16)
+FAMILIES = {
+    "llama": lambda: T.LlamaConfig(**COMMON, **IDS),
+    "mistral": lambda: T.MistralConfig(**COMMON, **IDS),
+    "qwen2": lambda: T.Qwen2Config(**COMMON, **IDS),
+    "qwen3": lambda: T.Qwen3Config(**COMMON, **IDS, head_dim=16),
+    "gemma2": lambda: T.Gemma2Config(**COMMON, **IDS, head_dim=16, sliding_window=8),
+    "gemma3": lambda: T.Gemma3TextConfig(**COMMON, **IDS, head_dim=16, sliding_window=8),
+    "phi3": lambda: T.Phi3Config(**COMMON, **IDS),
+    "olmo2": lambda: T.Olmo2Config(**COMMON, **IDS),
+    "granite": lambda: T.GraniteConfig(**COMMON, **IDS, embedding_multiplier=2.0, residual_multiplier=0.5),
+    "qwen3_moe": lambda: T.Qwen3MoeConfig(**COMMON, **IDS, **MOE, num_experts=4, moe_intermediate_size=32),
+    "mixtral": lambda: T.MixtralConfig(**COMMON, **IDS, **MOE, num_local_experts=4),
+}
+PASSES = {
+    "rtn": [{"rtn": {"bits": 4, "group_size": 32}}],
+    "gptq": [{"gptq": {"bits": 4, "group_size": 32}}],
+    "wanda": [{"wanda": {"sparsity": 0.5}}],
+    "sparsegpt": [{"sparsegpt": {"pattern": "2:4"}}],
+    "lrec": [{"gptq": {"bits": 2, "group_size": 32}}, {"lrec": {"rank": 4}}],
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family_dir(request, tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp(request.param) / "model"
+    T.AutoModelForCausalLM.from_config(FAMILIES[request.param]()).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:.*fused 3-D tensors")
+@pytest.mark.parametrize("method", sorted(PASSES))
+def test_every_family_compresses_saves_and_reloads_with_equal_logits(family_dir, method, corpus, tmp_path):
+    out = tmp_path / "ckpt"
+    model = compressor.compress(recipe_dict(family_dir, corpus, PASSES[method], out), progress=False)
+    last = next(iter(PASSES[method][-1]))
+    assert any(r["pass"] == last for rs in model.compression_config["modules"].values() for r in rs)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(compressor.load(out)(input_ids=ids).logits, model(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_discovered_adapter_finds_the_parts(family_dir):
+    model = T.AutoModelForCausalLM.from_pretrained(family_dir)
+    adapter = adapter_for(model)
+    assert len(adapter.decoder_layers(model)) == COMMON["num_hidden_layers"]
+    assert model.get_submodule(adapter.embeddings) is model.get_input_embeddings()
+    assert model.get_submodule(adapter.head) is model.get_output_embeddings()
+    assert adapter.final_norm is None or "norm" in type(model.get_submodule(adapter.final_norm)).__name__.lower()
+
+
+def test_fused_experts_are_reported_as_left_in_float(corpus, tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "model"
+    T.AutoModelForCausalLM.from_config(FAMILIES["mixtral"]()).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    with pytest.warns(UserWarning, match=r"model.layers.0.mlp.experts \(MixtralExperts\) hold the experts as fused"):
+        compressor.compress(recipe_dict(path, corpus, PASSES["rtn"]), progress=False)
+
+
+def test_a_model_without_one_list_of_decoder_blocks_is_refused_with_what_was_found():
+    model = T.AutoModelForCausalLM.from_config(FAMILIES["olmo2"]())
+    model.config.num_hidden_layers = 5  # no list of 5 blocks
+    with pytest.raises(CompressorError, match=r"cannot find the decoder layers of Olmo2ForCausalLM: expected one list "
+                                              r"of 5 blocks .* found model.layers \(3 x Olmo2DecoderLayer\)"):
+        adapter_for(model)
+
+
+def test_next_norm_loss_is_refused_before_work_where_the_norms_are_not_known(corpus, tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "model"
+    T.AutoModelForCausalLM.from_config(FAMILIES["olmo2"]()).save_pretrained(path)  # norms after each block only
+    byte_tokenizer().save_pretrained(path)
+    passes = [*PASSES["lrec"], {"lrec_refine": {"steps": 1, "loss": "next_norm"}}]
+    with pytest.raises(CompressorError, match="loss next_norm needs the norm .* not known for olmo2 models"):
+        compressor.compress(recipe_dict(path, corpus, passes), progress=False)
