@@ -17,7 +17,7 @@ from compressor.export_gguf import check_exportable as export_gguf_check
 from compressor.export_gguf import check_output as export_gguf_check_output
 from compressor.export_gguf import export_gguf
 from compressor.models import LoadedModel, adapter_for, load_model
-from compressor.nn import SparseLinear
+from compressor.nn import SparseLinear, unfuse_experts
 from compressor.passes.prune import store_sparse
 from compressor.perplexity import perplexity
 from compressor.recipe import Perplexity, Recipe, load_recipe
@@ -60,6 +60,7 @@ def compress(recipe: "str | Path | dict | Recipe", model: PreTrainedModel | None
 def _compress_loaded(recipe: Recipe, loaded: LoadedModel, overwrite: bool, progress: bool) -> PreTrainedModel:
     model, tokenizer = loaded.model, loaded.tokenizer
     device = resolve_device(recipe.device)
+    unfuse_experts(model)  # experts as linears (compressor/nn/experts.py), so that the plan sees them
     plan(model, loaded.adapter, recipe.passes)  # fail on bad targets before reading any data
     warn_if_slow_dtype(model, device)
     windows = None

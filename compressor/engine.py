@@ -27,6 +27,7 @@ from transformers import PreTrainedModel
 
 from compressor.errors import CompressorError, CompressorWarning
 from compressor.models import Adapter
+from compressor.nn import UnfusedExperts, unfuse_experts
 from compressor.passes import Pass
 from compressor.passes.base import LayerContext, LayerPass, LayerState, layer_output, matches
 from compressor.passes.hessian import window_hessian, with_sink_weight
@@ -38,7 +39,8 @@ class _Stop(Exception):
 
 
 def plan(model: PreTrainedModel, adapter: Adapter, passes: list[Pass]) -> list[list[list[str]]]:
-    """For each pass and decoder layer, the names of the linears it targets. Fails before any work when
+    """For each pass and decoder layer, the names of the linears it targets (mixture-of-experts experts: after
+    unfuse_experts, which compress_model runs first). Fails before any work when
     a target matches nothing, a pass cannot run on a linear, or passes come in an order that cannot
     work (quantizing twice, pruning a quantized linear)."""
     layers = adapter.decoder_layers(model)
@@ -77,13 +79,13 @@ def plan(model: PreTrainedModel, adapter: Adapter, passes: list[Pass]) -> list[l
 
 
 def warn_fused_experts(layer: nn.Module, prefix: str) -> None:
-    """Mixture-of-experts blocks that keep their experts as 3-D tensors [experts, out, in] (transformers 5) hold no
-    nn.Linear, so no pass reaches them: say so rather than leave a user to find the experts still in float."""
+    """Experts kept as 3-D tensors in a layout that compressor/nn/experts.py does not split (biases, another
+    order) hold no nn.Linear, so no pass reaches them: say so rather than leave a user to find them still in float."""
     fused = [f"{prefix}.{name}" for name, m in layer.named_modules() if any(p.dim() == 3 for p in m.parameters(False))]
     if fused:
         warnings.warn(f"{', '.join(fused)} ({type(layer.get_submodule(fused[0][len(prefix) + 1:])).__name__}) hold the "
-                      "experts as fused 3-D tensors, which the passes do not compress yet: the experts stay in float, "
-                      "the rest of each layer is compressed", CompressorWarning, stacklevel=3)
+                      "experts as fused 3-D tensors in a layout the toolkit does not split into linears: the experts "
+                      "stay in float, the rest of each layer is compressed", CompressorWarning, stacklevel=3)
 
 
 def compress_model(model: PreTrainedModel, adapter: Adapter, passes: list[Pass], windows: torch.Tensor | None,
@@ -91,13 +93,20 @@ def compress_model(model: PreTrainedModel, adapter: Adapter, passes: list[Pass],
     """Run `passes` over every decoder layer; return per-module records of what was done.
 
     windows: [n, L] calibration token ids, required when a pass needs statistics.
+    Fused mixture-of-experts experts are first split into one set of linears per expert (compressor/nn/experts.py),
+    so the passes reach them; each expert's statistics then come from the tokens routed to it.
     """
+    unfuse_experts(model)  # (a no-op where the caller did it before planning)
+    records: dict[str, list[dict]] = defaultdict(list)
+    for name, experts in model.named_modules():  # recorded first: loading rebuilds them before their linears
+        if isinstance(experts, UnfusedExperts):
+            records[name].append({"pass": "unfuse_experts", "experts": len(experts),
+                                  "runtime": experts.runtime_config()})
     targets = plan(model, adapter, passes)
     needs_data = any(p.stats for p in passes)
     if needs_data and windows is None:
         raise CompressorError("these passes need calibration data but none was given")
     layers = adapter.decoder_layers(model)
-    records: dict[str, list[dict]] = defaultdict(list)
     hidden: list[torch.Tensor] = []  # the inputs of the layer being compressed, one per window
     if needs_data:
         hidden, layer_kwargs = capture_layer_inputs(model, adapter, windows)
@@ -143,20 +152,45 @@ def apply_linear_pass(p: Pass, model: PreTrainedModel, index: int, layer: nn.Mod
     for each."""
     linears = current_targets(model, names)
     try:
+        tokens: dict[str, int] = {}
         stats = collect_stats(layer, linears, hidden, kwargs, p.stats, device,
-                              getattr(p, "sink_weight", 1.0)) if p.stats else {}
+                              getattr(p, "sink_weight", 1.0), tokens) if p.stats else {}
+        routed = routed_statistics(stats, tokens, sum(h.shape[:-1].numel() for h in hidden), p.stats, linears)
         done = []
         for k, (name, linear) in enumerate(linears.items()):
             progress(f"{k + 1}/{len(linears)} {name.rpartition('.')[2]}")
             module, record = p.apply(name, linear, stats.pop(name, None), state)
             if module is not linear:
                 model.set_submodule(name, module)
-            done.append((name, record))
+            done.append((name, record | routed.get(name, {})))
         return done
     except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
         if not is_out_of_memory(error):
             raise
         raise out_of_memory(p.name, index, linears, device) from error
+
+
+MIN_ROUTED_TOKENS = 16  # an expert linear that saw fewer calibration tokens gets the identity as its statistic
+
+
+def routed_statistics(stats: dict[str, Any], tokens: dict[str, int], total: int, kind: str | None,
+                      linears: dict[str, nn.Module]) -> dict[str, dict]:
+    """For the linears that saw fewer than all `total` calibration tokens (experts, which see the tokens the
+    router sends them), what goes into their records: how many they saw, and where that is under
+    MIN_ROUTED_TOKENS, that their statistic was replaced (in `stats`, in place) by the identity: H = I (GPTQ then
+    rounds to nearest, SparseGPT prunes by magnitude) or input norms of 1 (Wanda by magnitude)."""
+    routed = {}
+    for name, linear in linears.items():
+        seen = tokens.get(name, 0)
+        if not kind or seen >= total:
+            continue
+        routed[name] = {"calibration_tokens": seen}
+        if seen < MIN_ROUTED_TOKENS:
+            n = linear.in_features
+            stats[name] = torch.eye(n) if kind == "hessian" else torch.ones(n, dtype=stats[name].dtype)
+            stats[name] = stats[name].to(next(linear.parameters()).device)
+            routed[name]["statistic"] = f"identity (fewer than {MIN_ROUTED_TOKENS} calibration tokens)"
+    return routed
 
 
 def out_of_memory(pass_name: str, index: int, linears: dict[str, nn.Module], device: torch.device
@@ -230,7 +264,8 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, device: torc
 
 @torch.no_grad()
 def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[torch.Tensor], kwargs: dict,
-                  kind: str, device: torch.device, sink_weight: float = 1.0) -> dict[str, Any]:
+                  kind: str, device: torch.device, sink_weight: float = 1.0, tokens: dict[str, int] | None = None,
+                  ) -> dict[str, Any]:
     """Run the layer on every cached input with hooks on `linears`; return one statistic per linear:
     "input_sq_norms": sum_t x_t^2, [in] float64; "hessian": sum_t x_t x_t^T, [in, in] float32;
     "input_sq_norms_running_mean": llm-compressor's Wanda arithmetic for the same norms, up to scale: per
@@ -239,7 +274,9 @@ def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[
     more exact sum). The first position of every window (the attention sink) counts `sink_weight` times in the sums.
     Each window's forward stops as soon as every linear has seen its input (with all of a layer's linears
     targeted, the last one's matmul and what follows it are skipped), so a linear called twice in one
-    forward counts its first call only."""
+    forward counts its first call only. `tokens`, if given, gets how many tokens each linear saw (fewer than the
+    windows hold for a mixture-of-experts expert; its inputs [tokens, in] have no window positions, so no token
+    counts as the sink there)."""
     if kind not in ("input_sq_norms", "input_sq_norms_running_mean", "hessian"):
         raise ValueError(f"unknown statistic {kind!r}")
     running_mean = kind == "input_sq_norms_running_mean"
@@ -267,6 +304,8 @@ def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[
                 if not torch.isfinite(torch.diagonal(stat) if kind == "hessian" else stat).all():
                     raise CompressorError(f"non-finite calibration activations entering {name}")
                 shared[id(inputs[0])] = (inputs[0], stat)
+            if tokens is not None:
+                tokens[name] = tokens.get(name, 0) + inputs[0].shape[:-1].numel()
             if running_mean:
                 sums[name] *= window / (window + 1)
                 sums[name] += shared[id(inputs[0])][1] / (window + 1)

@@ -8,6 +8,7 @@ from conftest import COMMON, byte_tokenizer, recipe_dict
 import compressor
 from compressor.errors import CompressorError
 from compressor.models import adapter_for
+from compressor.nn import unfuse_experts
 
 IDS = dict(pad_token_id=0, bos_token_id=256, eos_token_id=256)
 MOE = dict(num_experts_per_tok=2, head_dim=16)
@@ -42,7 +43,6 @@ def family_dir(request, tmp_path_factory):
     return path
 
 
-@pytest.mark.filterwarnings("ignore:.*fused 3-D tensors")
 @pytest.mark.parametrize("method", sorted(PASSES))
 def test_every_family_compresses_saves_and_reloads_with_equal_logits(family_dir, method, corpus, tmp_path):
     out = tmp_path / "ckpt"
@@ -64,13 +64,56 @@ def test_discovered_adapter_finds_the_parts(family_dir):
     assert adapter.final_norm is None or "norm" in type(model.get_submodule(adapter.final_norm)).__name__.lower()
 
 
-def test_fused_experts_are_reported_as_left_in_float(corpus, tmp_path):
+def moe_dir(tmp_path, family: str):
     torch.manual_seed(0)
-    path = tmp_path / "model"
-    T.AutoModelForCausalLM.from_config(FAMILIES["mixtral"]()).save_pretrained(path)
+    path = tmp_path / family
+    T.AutoModelForCausalLM.from_config(FAMILIES[family]()).save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
-    with pytest.warns(UserWarning, match=r"model.layers.0.mlp.experts \(MixtralExperts\) hold the experts as fused"):
-        compressor.compress(recipe_dict(path, corpus, PASSES["rtn"]), progress=False)
+    return path
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_unfused_experts_compute_what_the_fused_ones_do(family):
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(FAMILIES[family]()).eval()
+    ids = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        assert unfuse_experts(model) == [f"model.layers.{i}.mlp.experts" for i in range(COMMON["num_hidden_layers"])]
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=0, atol=0)
+
+
+def test_each_expert_is_compressed_on_the_tokens_routed_to_it(corpus, tmp_path):
+    model = compressor.compress(recipe_dict(moe_dir(tmp_path, "mixtral"), corpus, PASSES["gptq"]), progress=False)
+    records = model.compression_config["modules"]
+    assert records["model.layers.0.mlp.experts"][0] == {"pass": "unfuse_experts", "experts": 4,
+                                                        "runtime": {"class": "UnfusedExperts"}}
+    experts = [records[f"model.layers.0.mlp.experts.{e}.gate_up_proj"][0] for e in range(4)]
+    total = 4 * 32  # the calibration windows' tokens; top-2 routing: each token goes to two of the four experts
+    assert all(r["pass"] == "gptq" and 0 <= r["calibration_tokens"] < total for r in experts)
+    assert sum(r["calibration_tokens"] for r in experts) == 2 * total
+    assert "calibration_tokens" not in records["model.layers.0.self_attn.q_proj"][0]
+
+
+def test_an_expert_with_too_few_tokens_gets_the_identity_statistic(corpus, tmp_path, monkeypatch):
+    from compressor import engine
+
+    monkeypatch.setattr(engine, "MIN_ROUTED_TOKENS", 10**9)
+    path = moe_dir(tmp_path, "qwen3_moe")
+    model = compressor.compress(recipe_dict(path, corpus, PASSES["wanda"]), progress=False)
+    record = model.compression_config["modules"]["model.layers.1.mlp.experts.2.down_proj"][0]
+    assert record["statistic"] == "identity (fewer than 1000000000 calibration tokens)"
+    assert record["pass"] == "wanda" and record["calibration_tokens"] > 0
+
+
+def test_experts_in_a_layout_that_is_not_split_are_reported_as_left_in_float():
+    from compressor.engine import warn_fused_experts
+
+    layer = torch.nn.Module()
+    layer.experts = torch.nn.Module()
+    layer.experts.weights = torch.nn.Parameter(torch.zeros(4, 8, 8))
+    with pytest.warns(UserWarning, match=r"model.layers.0.experts \(Module\) hold the experts as fused 3-D tensors"):
+        warn_fused_experts(layer, "model.layers.0")
 
 
 def test_a_model_without_one_list_of_decoder_blocks_is_refused_with_what_was_found():

@@ -21,8 +21,9 @@ def window_hessian(x: torch.Tensor, sink_weight: float = 1.0) -> torch.Tensor:
 
 def with_sink_weight(x: torch.Tensor, sink_weight: float) -> torch.Tensor:
     """x [windows, L, in] with the first position scaled by sqrt(sink_weight), so that it counts sink_weight
-    times in any sum of squares."""
-    if sink_weight == 1.0:
+    times in any sum of squares. Routed inputs [tokens, in] (a mixture-of-experts expert's) have no positions and
+    come back as they are."""
+    if sink_weight == 1.0 or x.dim() < 3:
         return x
     return torch.cat([x[:, :1] * sink_weight ** 0.5, x[:, 1:]], dim=1)
 
