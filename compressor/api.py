@@ -21,6 +21,7 @@ from compressor.nn import SparseLinear, unfuse_experts
 from compressor.passes.prune import store_sparse
 from compressor.perplexity import perplexity
 from compressor.recipe import Perplexity, Recipe, load_recipe
+from compressor.resume import Progress
 from compressor.runtime import count_parameters, peak_memory, resolve_device, warn_if_slow_dtype
 
 
@@ -36,7 +37,7 @@ def open_model(source: str, dtype: str = "float32", keep_packed: bool = False, d
 
 def compress(recipe: "str | Path | dict | Recipe", model: PreTrainedModel | None = None,
              tokenizer: PreTrainedTokenizerBase | None = None, overwrite: bool = False,
-             progress: bool = True) -> PreTrainedModel:
+             progress: bool = True, resume: bool = False) -> PreTrainedModel:
     """Compress a model by a recipe (YAML path, dict or Recipe) and save it when the recipe has `output`.
 
     With `model` (and its `tokenizer`) given, that in-memory model is compressed instead of the
@@ -45,6 +46,8 @@ def compress(recipe: "str | Path | dict | Recipe", model: PreTrainedModel | None
     returned model is where it was loaded (the CPU for a recipe's source): `.to("cuda")` to run it there.
     Its quantized and pruned linears run packed (each call rebuilds the weight); `compressor.load` of the
     saved checkpoint runs them at the dense model's speed, as `compressor.nn.unpack_weights` does in memory.
+    With an `output`, each finished decoder layer is kept on disk until the checkpoint is saved; `resume` goes on
+    from those of an interrupted run of the same recipe and model (compressor/resume.py).
     """
     recipe = load_recipe(recipe)
     check_outputs(recipe, overwrite)
@@ -54,12 +57,18 @@ def compress(recipe: "str | Path | dict | Recipe", model: PreTrainedModel | None
         if tokenizer is None:
             raise CompressorError("compress(model=...) also needs tokenizer=...")
         loaded = LoadedModel(model, tokenizer, adapter_for(model), recipe.model, None)
-    return _compress_loaded(recipe, loaded, overwrite, progress)
+    return _compress_loaded(recipe, loaded, overwrite, progress, resume)
 
 
-def _compress_loaded(recipe: Recipe, loaded: LoadedModel, overwrite: bool, progress: bool) -> PreTrainedModel:
+def _compress_loaded(recipe: Recipe, loaded: LoadedModel, overwrite: bool, progress: bool, resume: bool = False
+                     ) -> PreTrainedModel:
     model, tokenizer = loaded.model, loaded.tokenizer
     device = resolve_device(recipe.device)
+    if resume and not recipe.output:
+        raise CompressorError(f"{recipe.source}: resume needs the recipe's `output` (where the run kept its layers)")
+    resolved = recipe.resolved()
+    identity = {"model": loaded.source, **{k: resolved[k] for k in ("dtype", "calibration", "passes")}}
+    saved = Progress.open(recipe.output, identity, resume) if recipe.output else None
     unfuse_experts(model)  # experts as linears (compressor/nn/experts.py), so that the plan sees them
     plan(model, loaded.adapter, recipe.passes)  # fail on bad targets before reading any data
     warn_if_slow_dtype(model, device)
@@ -70,13 +79,14 @@ def _compress_loaded(recipe: Recipe, loaded: LoadedModel, overwrite: bool, progr
         windows = calibration_windows(tokenizer, docs, cal.samples, cal.seqlen, cal.seed)
     dense = count_parameters(model)
     with torch.no_grad():
-        records = compress_model(model, loaded.adapter, recipe.passes, windows, device, progress)
+        records = compress_model(model, loaded.adapter, recipe.passes, windows, device, progress, saved)
         store_sparse(model, records)
     model.compression_config = {"recipe": recipe.resolved(), "recipe_as_written": recipe.raw,
                                 "source": loaded.source, "modules": records,
                                 "parameters": {"dense": dense, "compressed": count_parameters(model)}}
     if recipe.output:
         checkpoint.save(model, tokenizer, recipe.output, model.compression_config, overwrite)
+        saved.remove()
     if recipe.export and recipe.export.format == "gguf":
         export_gguf(recipe.output, recipe.export.output, recipe.export.embedding_type, recipe.export.head_type,
                     recipe.export.dense_fallback, overwrite)
@@ -145,10 +155,10 @@ def evaluate(model: "PreTrainedModel | str", tokenizer: PreTrainedTokenizerBase 
 
 
 def run(recipe_path: "str | Path | dict", overwrite: bool = False, progress: bool = True,
-        windows: int | None = None, no_eval: bool = False) -> dict:
+        windows: int | None = None, no_eval: bool = False, resume: bool = False) -> dict:
     """`compress run`: load, evaluate before (if asked), compress, save, re-load, evaluate after.
     `windows` evaluates on the first N windows whatever the recipe says (its dataset and seqlen, or the
-    defaults); `no_eval` skips both evaluations."""
+    defaults); `no_eval` skips both evaluations; `resume` goes on from an interrupted run's finished layers."""
     recipe = load_recipe(recipe_path)
     if recipe.output is None:
         raise CompressorError(f"{recipe.source}: output: missing; `compress run` writes a checkpoint")
@@ -160,6 +170,7 @@ def run(recipe_path: "str | Path | dict", overwrite: bool = False, progress: boo
     if windows is not None:
         ev = dataclasses.replace(ev or Perplexity(), windows=windows)
     loaded = load_model(recipe.model, recipe.dtype)
+    unfuse_experts(loaded.model)
     plan(loaded.model, loaded.adapter, recipe.passes)
     report: dict = {"model": recipe.model, "recipe": recipe.source, "output": recipe.output,
                     "export": recipe.export.output if recipe.export else None}
@@ -168,7 +179,7 @@ def run(recipe_path: "str | Path | dict", overwrite: bool = False, progress: boo
         report["before"] = {**evaluate(loaded.model, loaded.tokenizer, ev.dataset, ev.seqlen, ev.windows,
                                        recipe.device, progress), **size}
     start = time.perf_counter()
-    model = _compress_loaded(recipe, loaded, overwrite, progress)
+    model = _compress_loaded(recipe, loaded, overwrite, progress, resume)
     if not ev:  # the dense counts that compression recorded
         report["before"] = {**model.compression_config["parameters"]["dense"], **size}
     report["compress_wall_s"] = round(time.perf_counter() - start, 1)

@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 
 from compressor.checkpoint_format import FORMAT_VERSION, VERSION, read_compression_config
 from compressor.errors import CompressorError, CompressorWarning
-from compressor.nn import RUNTIME_MODULES, PackedLinear, unpack_weights
+from compressor.nn import PackedLinear, rebuild, unpack_weights
 from compressor.runtime import is_out_of_memory
 
 
@@ -119,12 +119,7 @@ def build(path: str | Path) -> PreTrainedModel:
     dtype = getattr(torch, cc["recipe"]["dtype"])
     # dtype= rather than .to(dtype): buffers such as RoPE's inv_freq stay float32, as from_pretrained keeps them
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)), dtype=dtype)
-    for name, records in cc["modules"].items():
-        for runtime in (r["runtime"] for r in records if "runtime" in r):  # in the order the passes ran
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            module = RUNTIME_MODULES[runtime["class"]](runtime, getattr(parent, child, None), dtype)
-            setattr(parent, child, module)
+    rebuild(model, cc["modules"], dtype)
     model.compression_config = cc
     return model
 

@@ -71,8 +71,10 @@ def main() -> None:
 @click.option("--windows", type=click.IntRange(min=1), help="Evaluate before and after on the first N windows, "
               "whatever the recipe's `evaluate` says (a quick run, labelled windows=N).")
 @click.option("--no-eval", is_flag=True, help="Skip the evaluations before and after, whatever the recipe says.")
+@click.option("--resume", is_flag=True, help="Go on from the decoder layers an interrupted run of this recipe "
+              "finished (kept in .OUTPUT.partial beside the output) instead of starting over.")
 @_threads_option
-def run(recipe: str, overwrite: bool, json_path: str | None, windows: int | None, no_eval: bool,
+def run(recipe: str, overwrite: bool, json_path: str | None, windows: int | None, no_eval: bool, resume: bool,
         threads: int | None) -> None:
     """Compress a model by RECIPE (YAML) and save the checkpoint; evaluate before/after if it asks."""
     if not Path(recipe).is_file():  # before the heavy imports: an error in well under a second
@@ -80,7 +82,7 @@ def run(recipe: str, overwrite: bool, json_path: str | None, windows: int | None
     from compressor.api import run as run_recipe
 
     _set_threads(threads)
-    report = run_recipe(recipe, overwrite=overwrite, windows=windows, no_eval=no_eval)
+    report = run_recipe(recipe, overwrite=overwrite, windows=windows, no_eval=no_eval, resume=resume)
     before, after = report["before"], report["after"]
     rows = []
     if "ppl" in before:

@@ -31,6 +31,7 @@ from compressor.nn import UnfusedExperts, unfuse_experts
 from compressor.passes import Pass
 from compressor.passes.base import LayerContext, LayerPass, LayerState, layer_output, matches
 from compressor.passes.hessian import window_hessian, with_sink_weight
+from compressor.resume import Progress
 from compressor.runtime import is_out_of_memory
 
 
@@ -89,10 +90,12 @@ def warn_fused_experts(layer: nn.Module, prefix: str) -> None:
 
 
 def compress_model(model: PreTrainedModel, adapter: Adapter, passes: list[Pass], windows: torch.Tensor | None,
-                   device: torch.device, progress: bool = True) -> dict[str, list[dict]]:
+                   device: torch.device, progress: bool = True, saved: Progress | None = None
+                   ) -> dict[str, list[dict]]:
     """Run `passes` over every decoder layer; return per-module records of what was done.
 
     windows: [n, L] calibration token ids, required when a pass needs statistics.
+    saved: where each finished layer is kept (compressor/resume.py); the run starts after the layers it holds.
     Fused mixture-of-experts experts are first split into one set of linears per expert (compressor/nn/experts.py),
     so the passes reach them; each expert's statistics then come from the tokens routed to it.
     """
@@ -111,8 +114,13 @@ def compress_model(model: PreTrainedModel, adapter: Adapter, passes: list[Pass],
     if needs_data:
         hidden, layer_kwargs = capture_layer_inputs(model, adapter, windows)
     runs = {k: p.new_run() for k, p in enumerate(passes) if isinstance(p, LayerPass)}  # carried across layers
-    bar = tqdm(total=len(layers) * len(passes), disable=not progress, unit="step")
-    for i, layer in enumerate(layers):
+    first = saved.layers_done if saved is not None else 0
+    if first:
+        done_records, hidden = saved.restore(model, layers, runs)
+        records.update(done_records)
+    bar = tqdm(total=len(layers) * len(passes), initial=first * len(passes), disable=not progress, unit="step")
+    for i in range(first, len(layers)):
+        layer = layers[i]
         home = next(layer.parameters()).device
         layer.to(device)
         kwargs = _to(layer_kwargs[i], device) if needs_data else {}
@@ -137,6 +145,8 @@ def compress_model(model: PreTrainedModel, adapter: Adapter, passes: list[Pass],
         if needs_data and i + 1 < len(layers):
             hidden = outputs if outputs is not None else [run_layer(layer, h, kwargs, device) for h in hidden]
         layer.to(home)
+        if saved is not None:
+            saved.save_layer(i, layers[i], records, hidden, runs)  # layers[i]: a pass may have replaced the layer
     for k, run in runs.items():
         for name, record in passes[k].finish(model, adapter, run).items():
             records[name].append(record)

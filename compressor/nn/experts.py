@@ -60,7 +60,7 @@ class UnfusedExperts(nn.ModuleList):
 
     @classmethod
     def from_runtime_config(cls, runtime: dict, fused: nn.Module, dtype: torch.dtype) -> "UnfusedExperts":
-        return cls.from_fused(fused)
+        return fused if isinstance(fused, cls) else cls.from_fused(fused)
 
 
 def is_fused_experts(module: nn.Module) -> bool:
