@@ -10,6 +10,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from compressor import checkpoint
 from compressor.checkpoint_format import read_compression_config
 from compressor.data import calibration_windows, load_documents
+from compressor.distributed import barrier, is_main, rank_and_size, share
 from compressor.engine import compress_model, plan
 from compressor.errors import CompressorError
 from compressor.export import check_recipe, export_compressed_tensors
@@ -18,6 +19,7 @@ from compressor.export_gguf import check_output as export_gguf_check_output
 from compressor.export_gguf import export_gguf
 from compressor.models import LoadedModel, adapter_for, load_model
 from compressor.nn import SparseLinear, unfuse_experts
+from compressor.passes.base import LayerPass
 from compressor.passes.prune import store_sparse
 from compressor.perplexity import perplexity
 from compressor.recipe import Perplexity, Recipe, load_recipe
@@ -66,9 +68,11 @@ def _compress_loaded(recipe: Recipe, loaded: LoadedModel, overwrite: bool, progr
     device = resolve_device(recipe.device)
     if resume and not recipe.output:
         raise CompressorError(f"{recipe.source}: resume needs the recipe's `output` (where the run kept its layers)")
+    processes = rank_and_size()[1]
+    check_processes(recipe, processes, resume)
     resolved = recipe.resolved()
     identity = {"model": loaded.source, **{k: resolved[k] for k in ("dtype", "calibration", "passes")}}
-    saved = Progress.open(recipe.output, identity, resume) if recipe.output else None
+    saved = Progress.open(recipe.output, identity, resume) if recipe.output and processes == 1 else None
     unfuse_experts(model)  # experts as linears (compressor/nn/experts.py), so that the plan sees them
     plan(model, loaded.adapter, recipe.passes)  # fail on bad targets before reading any data
     warn_if_slow_dtype(model, device)
@@ -76,7 +80,7 @@ def _compress_loaded(recipe: Recipe, loaded: LoadedModel, overwrite: bool, progr
     if any(p.stats for p in recipe.passes):
         cal = recipe.calibration
         docs = load_documents(cal.dataset, "calibration", cal.text_field)
-        windows = calibration_windows(tokenizer, docs, cal.samples, cal.seqlen, cal.seed)
+        windows = share(calibration_windows(tokenizer, docs, cal.samples, cal.seqlen, cal.seed))
     dense = count_parameters(model)
     with torch.no_grad():
         records = compress_model(model, loaded.adapter, recipe.passes, windows, device, progress, saved)
@@ -84,16 +88,34 @@ def _compress_loaded(recipe: Recipe, loaded: LoadedModel, overwrite: bool, progr
     model.compression_config = {"recipe": recipe.resolved(), "recipe_as_written": recipe.raw,
                                 "source": loaded.source, "modules": records,
                                 "parameters": {"dense": dense, "compressed": count_parameters(model)}}
-    if recipe.output:
+    if recipe.output and is_main():
         checkpoint.save(model, tokenizer, recipe.output, model.compression_config, overwrite)
-        saved.remove()
-    if recipe.export and recipe.export.format == "gguf":
+        if saved is not None:
+            saved.remove()
+    if recipe.export and recipe.export.format == "gguf" and is_main():
         export_gguf(recipe.output, recipe.export.output, recipe.export.embedding_type, recipe.export.head_type,
                     recipe.export.dense_fallback, overwrite)
-    elif recipe.export:
+    elif recipe.export and is_main():
         export_compressed_tensors(recipe.output, recipe.export.output, recipe.export.dense_fallback,
                                   recipe.export.dtype, overwrite)
+    barrier()  # the other processes wait until process 0 has written
     return model
+
+
+def check_processes(recipe: Recipe, processes: int, resume: bool) -> None:
+    """Refuse, before any work, what does not run across processes yet: passes that work on whole layers
+    (their statistics are not summed across processes), resuming, fewer calibration windows than processes."""
+    if processes == 1:
+        return
+    whole_layer = [p.name for p in recipe.passes if isinstance(p, LayerPass)]
+    if whole_layer:
+        raise CompressorError(f"{', '.join(whole_layer)} run in one process only; run this recipe without torchrun "
+                              "(or --nproc)")
+    if resume:
+        raise CompressorError("--resume runs in one process only; resume without torchrun (or --nproc)")
+    if recipe.calibration.samples < processes:
+        raise CompressorError(f"{processes} processes share {recipe.calibration.samples} calibration windows; use "
+                              "at most as many processes as windows")
 
 
 def check_outputs(recipe: Recipe, overwrite: bool) -> None:
@@ -175,15 +197,19 @@ def run(recipe_path: "str | Path | dict", overwrite: bool = False, progress: boo
     report: dict = {"model": recipe.model, "recipe": recipe.source, "output": recipe.output,
                     "export": recipe.export.output if recipe.export else None}
     size = {"bytes_on_disk": checkpoint.weight_bytes(loaded.folder) if loaded.folder else None}
-    if ev:
+    main = is_main()  # under torchrun, process 0 evaluates and reports; the others only compress their share
+    if ev and main:
         report["before"] = {**evaluate(loaded.model, loaded.tokenizer, ev.dataset, ev.seqlen, ev.windows,
                                        recipe.device, progress), **size}
     start = time.perf_counter()
-    model = _compress_loaded(recipe, loaded, overwrite, progress, resume)
+    model = _compress_loaded(recipe, loaded, overwrite, progress and main, resume)
+    if not main:
+        return {}
     if not ev:  # the dense counts that compression recorded
         report["before"] = {**model.compression_config["parameters"]["dense"], **size}
     report["compress_wall_s"] = round(time.perf_counter() - start, 1)
     report["threads"] = torch.get_num_threads()
+    report["processes"] = rank_and_size()[1]
     report["compress_memory"] = peak_memory(resolve_device(recipe.device))
     del loaded, model
     if ev:

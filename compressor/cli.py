@@ -4,6 +4,8 @@ Every user error prints one message and exits with code 2.
 """
 
 import json
+import os
+import subprocess
 import sys
 import warnings
 from collections import defaultdict
@@ -73,16 +75,33 @@ def main() -> None:
 @click.option("--no-eval", is_flag=True, help="Skip the evaluations before and after, whatever the recipe says.")
 @click.option("--resume", is_flag=True, help="Go on from the decoder layers an interrupted run of this recipe "
               "finished (kept in .OUTPUT.partial beside the output) instead of starting over.")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, help="Calibrate in N processes (torchrun on this "
+              "machine), each on a share of the calibration windows; process 0 writes the checkpoint.")
 @_threads_option
 def run(recipe: str, overwrite: bool, json_path: str | None, windows: int | None, no_eval: bool, resume: bool,
-        threads: int | None) -> None:
+        nproc: int, threads: int | None) -> None:
     """Compress a model by RECIPE (YAML) and save the checkpoint; evaluate before/after if it asks."""
     if not Path(recipe).is_file():  # before the heavy imports: an error in well under a second
         raise CompressorError(f"recipe file not found: {recipe}")
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:  # this same command in nproc processes under torchrun
+        from compressor.api import check_processes
+        from compressor.recipe import load_recipe
+
+        check_processes(load_recipe(recipe), nproc, resume)  # refused here, with exit code 2, not in each process
+        options = {"--overwrite": overwrite, "--no-eval": no_eval, "--resume": resume, "--json": json_path,
+                   "--windows": windows, "--threads": threads}
+        args = [arg for flag, value in options.items() if value
+                for arg in ([flag] if value is True else [flag, str(value)])]
+        raise SystemExit(subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                          f"--nproc-per-node={nproc}", "-m", "compressor.cli", "run", recipe, *args]))
     from compressor.api import run as run_recipe
+    from compressor.distributed import start
 
     _set_threads(threads)
+    start()
     report = run_recipe(recipe, overwrite=overwrite, windows=windows, no_eval=no_eval, resume=resume)
+    if not report:  # a process other than 0 under torchrun: process 0 reports
+        return
     before, after = report["before"], report["after"]
     rows = []
     if "ppl" in before:

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from compressor.distributed import rank_and_size, summed
 from compressor.errors import CompressorError, CompressorWarning
 from compressor.models import Adapter
 from compressor.nn import UnfusedExperts, unfuse_experts
@@ -165,7 +166,8 @@ def apply_linear_pass(p: Pass, model: PreTrainedModel, index: int, layer: nn.Mod
         tokens: dict[str, int] = {}
         stats = collect_stats(layer, linears, hidden, kwargs, p.stats, device,
                               getattr(p, "sink_weight", 1.0), tokens) if p.stats else {}
-        routed = routed_statistics(stats, tokens, sum(h.shape[:-1].numel() for h in hidden), p.stats, linears)
+        total = int(summed(torch.tensor(sum(h.shape[:-1].numel() for h in hidden), device=device)))  # all processes'
+        routed = routed_statistics(stats, tokens, total, p.stats, linears)
         done = []
         for k, (name, linear) in enumerate(linears.items()):
             progress(f"{k + 1}/{len(linears)} {name.rpartition('.')[2]}")
@@ -339,6 +341,24 @@ def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[
     finally:
         for handle in handles:
             handle.remove()
+    return summed_over_processes(sums, tokens, window, running_mean, device)
+
+
+def summed_over_processes(sums: dict[str, torch.Tensor], tokens: dict[str, int] | None, windows: int,
+                          running_mean: bool, device: torch.device) -> dict[str, torch.Tensor]:
+    """The statistics of all the processes that share the calibration windows (compressor/distributed.py):
+    sums and token counts add up, running means are weighted by each process's window count. One process: as
+    they are."""
+    if rank_and_size()[1] == 1:
+        return sums
+    if running_mean:
+        total = summed(torch.tensor(float(windows), device=device))
+        sums = {name: summed(s * windows) / total for name, s in sums.items()}
+    else:
+        sums = {name: summed(s) for name, s in sums.items()}
+    if tokens is not None:
+        counts = summed(torch.tensor([tokens.get(name, 0) for name in sums], dtype=torch.int64, device=device))
+        tokens.update(zip(sums, counts.tolist(), strict=True))
     return sums
 
 

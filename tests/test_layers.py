@@ -1,6 +1,6 @@
-"""Imports run one way: cli -> api -> (engine, resume, recipe, checkpoint, perplexity, exports) -> passes
--> (models, data) -> nn -> (formats, gguf_blocks, checkpoint_format, errors, runtime, kernels). A module may import
-from its own level or below, never above, and no group of modules imports itself round in a cycle."""
+"""Imports run one way: cli -> api -> (engine, resume, distributed, recipe, checkpoint, perplexity, exports)
+-> passes -> (models, data) -> nn -> (formats, gguf_blocks, checkpoint_format, errors, runtime, kernels). A module
+may import from its own level or below, never above, and no group of modules imports itself round in a cycle."""
 
 import ast
 from pathlib import Path
@@ -14,8 +14,8 @@ LEVELS = [
     ("compressor.nn",),
     ("compressor.models", "compressor.data"),
     ("compressor.passes",),
-    ("compressor.engine", "compressor.resume", "compressor.recipe", "compressor.checkpoint", "compressor.perplexity",
-     "compressor.export", "compressor.export_gguf"),
+    ("compressor.engine", "compressor.resume", "compressor.distributed", "compressor.recipe", "compressor.checkpoint",
+     "compressor.perplexity", "compressor.export", "compressor.export_gguf"),
     ("compressor.api",),
     ("compressor.cli", "compressor"),
 ]
