@@ -198,9 +198,8 @@ def routed_statistics(stats: dict[str, Any], tokens: dict[str, int], total: int,
             continue
         routed[name] = {"calibration_tokens": seen}
         if seen < MIN_ROUTED_TOKENS:
-            n = linear.in_features
-            stats[name] = torch.eye(n) if kind == "hessian" else torch.ones(n, dtype=stats[name].dtype)
-            stats[name] = stats[name].to(next(linear.parameters()).device)
+            n, like = linear.in_features, stats[name]
+            stats[name] = torch.eye(n, device=like.device) if kind == "hessian" else torch.ones_like(like)
             routed[name]["statistic"] = f"identity (fewer than {MIN_ROUTED_TOKENS} calibration tokens)"
     return routed
 
