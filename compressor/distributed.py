@@ -2,10 +2,11 @@
 
 Each process holds every weight and a share of the calibration windows (windows rank, rank + N, ...), runs
 the decoder layers on its share, and sums its statistics (Hessians, input norms, token counts) with the other
-processes' before a pass decides, so every process decides the same; process 0 writes the checkpoint. The
-backend is gloo on CPUs and NCCL where CUDA is available. The sums add the same numbers in another order than
-one process does, so results equal a single process's to float rounding, not bit for bit (a GPTQ rounding at
-a near-tie can go the other way).
+processes' before a pass decides. The linears of a layer are then dealt out: each process compresses its share
+and sends the result to the others (engine.receive_linear), so they all go on with the same layer; process 0
+writes the checkpoint. The backend is gloo on CPUs and NCCL where CUDA is available. The sums add the same
+numbers in another order than one process does, so results equal a single process's to float rounding, not
+bit for bit (a GPTQ rounding at a near-tie can go the other way).
 """
 
 import os
@@ -47,6 +48,18 @@ def summed(t: torch.Tensor) -> torch.Tensor:
     t = t.clone()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def broadcast_object(value, source: int):
+    """`value` as process `source` has it, in every process (a picklable object such as a record)."""
+    box = [value]
+    dist.broadcast_object_list(box, src=source)
+    return box[0]
+
+
+def broadcast_into(t: torch.Tensor, source: int) -> None:
+    """Overwrite t, in every process, with process `source`'s t (the same shape and dtype everywhere)."""
+    dist.broadcast(t, src=source)
 
 
 def barrier() -> None:

@@ -25,10 +25,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from compressor.distributed import rank_and_size, summed
+from compressor.distributed import broadcast_into, broadcast_object, rank_and_size, summed
 from compressor.errors import CompressorError, CompressorWarning
 from compressor.models import Adapter
-from compressor.nn import UnfusedExperts, unfuse_experts
+from compressor.nn import RUNTIME_MODULES, UnfusedExperts, unfuse_experts
 from compressor.passes import Pass
 from compressor.passes.base import LayerContext, LayerPass, LayerState, layer_output, matches
 from compressor.passes.hessian import window_hessian, with_sink_weight
@@ -168,18 +168,49 @@ def apply_linear_pass(p: Pass, model: PreTrainedModel, index: int, layer: nn.Mod
                               getattr(p, "sink_weight", 1.0), tokens) if p.stats else {}
         total = int(summed(torch.tensor(sum(h.shape[:-1].numel() for h in hidden), device=device)))  # all processes'
         routed = routed_statistics(stats, tokens, total, p.stats, linears)
-        done = []
+        owner = owners(model, index, layer, linears)
+        rank = rank_and_size()[0]
+        done = {}
         for k, (name, linear) in enumerate(linears.items()):
+            if owner[name] != rank:  # another process compresses it (compressor/distributed.py)
+                continue
             progress(f"{k + 1}/{len(linears)} {name.rpartition('.')[2]}")
             module, record = p.apply(name, linear, stats.pop(name, None), state)
             if module is not linear:
                 model.set_submodule(name, module)
-            done.append((name, record | routed.get(name, {})))
-        return done
+            done[name] = record | routed.get(name, {})
+        if rank_and_size()[1] > 1:
+            done = {name: receive_linear(model, name, linears[name], done.get(name), owner[name]) for name in linears}
+        return list(done.items())
     except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
         if not is_out_of_memory(error):
             raise
         raise out_of_memory(p.name, index, linears, device) from error
+
+
+def owners(model: PreTrainedModel, index: int, layer: nn.Module, linears: dict[str, nn.Module]) -> dict[str, int]:
+    """Which process compresses each linear: the linears of the layer (in the layer's order, the same in every
+    process and for every pass, so the state one pass hands to the next on a linear stays in one process) dealt
+    out in turn. One process: 0 for all."""
+    size = rank_and_size()[1]
+    prefix = next(name for name, m in model.named_modules() if m is layer) + "."
+    order = [prefix + n for n, m in layer.named_modules() if hasattr(m, "in_features")]
+    return {name: order.index(name) % size if size > 1 else 0 for name in linears}
+
+
+def receive_linear(model: PreTrainedModel, name: str, linear: nn.Module, record: dict | None, owner: int) -> dict:
+    """The linear `name` as process `owner` compressed it, in every process: its record, then (elsewhere) a module
+    of the class and shapes the record's runtime names (an in-place change keeps the linear) filled with the
+    owner's tensors. Returns the record."""
+    record = broadcast_object(record, owner)
+    if rank_and_size()[0] != owner and "runtime" in record:
+        device = next(iter(linear.state_dict().values())).device
+        model.set_submodule(name, RUNTIME_MODULES[record["runtime"]["class"]](record["runtime"], linear,
+                                                                              model.dtype).to(device))
+    module = model.get_submodule(name)  # the owner's compressed module, or its empty twin here
+    for _, tensor in sorted(module.state_dict(keep_vars=True).items()):
+        broadcast_into(tensor.data, owner)
+    return record
 
 
 MIN_ROUTED_TOKENS = 16  # an expert linear that saw fewer calibration tokens gets the identity as its statistic

@@ -8,6 +8,7 @@ import yaml
 from click.testing import CliRunner
 from conftest import recipe_dict
 from safetensors.torch import load_file
+from test_architectures import moe_dir
 
 import compressor
 from compressor.cli import main
@@ -24,6 +25,11 @@ def tensors(path) -> dict[str, torch.Tensor]:
     return {k: v for shard in sorted(path.glob("*.safetensors")) for k, v in load_file(shard).items()}
 
 
+def apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elements that differ: codes and masks exactly, float weights (SparseGPT's updated ones) beyond rounding."""
+    return ~torch.isclose(a, b, rtol=1e-3, atol=1e-6) if a.is_floating_point() else a != b
+
+
 def records(path) -> dict:
     return json.loads((path / "config.json").read_text())["compression_config"]["modules"]
 
@@ -37,16 +43,23 @@ def test_rtn_across_two_processes_is_bit_identical(llama_dir, corpus, tmp_path):
     assert records(tmp_path / "one") == records(tmp_path / "two")
 
 
-def test_gptq_across_two_processes_sums_the_hessians(llama_dir, corpus, tmp_path):
-    """The two processes add the windows' Hessians in another order: equal to float rounding, so a code at a
-    near-tie may round the other way; the weights and the logits agree to that."""
-    passes = [{"gptq": {"bits": 4, "group_size": 32}}]
-    two_processes(recipe_dict(llama_dir, corpus, passes, tmp_path / "two"), tmp_path)
-    compressor.compress(recipe_dict(llama_dir, corpus, passes, tmp_path / "one"), progress=False)
+@pytest.mark.parametrize("family, passes", [
+    ("llama", [{"gptq": {"bits": 4, "group_size": 32}}]),
+    ("llama", [{"wanda": {"sparsity": 0.5}}, {"gptq": {"bits": 4, "group_size": 32}}]),
+    ("llama", [{"gptq": {"bits": 2, "group_size": 32}}, {"lrec": {"rank": 4, "factor_bits": 8}}]),
+    ("mixtral", [{"sparsegpt": {"sparsity": 0.5}}]),
+])
+def test_calibrated_passes_across_two_processes_match_one(family, passes, llama_dir, corpus, tmp_path):
+    """The two processes add the windows' statistics in another order and each compresses half of every layer's
+    linears: equal to float rounding, so a code at a near-tie may round the other way; logits agree to that."""
+    model = llama_dir if family == "llama" else moe_dir(tmp_path, family)
+    two_processes(recipe_dict(model, corpus, passes, tmp_path / "two"), tmp_path)
+    compressor.compress(recipe_dict(model, corpus, passes, tmp_path / "one"), progress=False)
     one, two = tensors(tmp_path / "one"), tensors(tmp_path / "two")
-    codes = [k for k in one if k.endswith("qweight")]
-    differing = sum((one[k] != two[k]).sum().item() for k in codes) / sum(one[k].numel() for k in codes)
-    assert differing < 0.01
+    assert one.keys() == two.keys()
+    differing = sum(apart(one[k], two[k]).sum().item() for k in one) / sum(one[k].numel() for k in one)
+    assert differing < 0.05  # (0 to 1.5% here: LREC's integer factors move with the Hessian's rounding)
+    assert records(tmp_path / "one").keys() == records(tmp_path / "two").keys()
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(compressor.load(tmp_path / "two")(input_ids=ids).logits,
