@@ -72,7 +72,7 @@ def _compress_loaded(recipe: Recipe, loaded: LoadedModel, overwrite: bool, progr
     check_processes(recipe, processes, resume)
     resolved = recipe.resolved()
     identity = {"model": loaded.source, **{k: resolved[k] for k in ("dtype", "calibration", "passes")}}
-    saved = Progress.open(recipe.output, identity, resume) if recipe.output and processes == 1 else None
+    saved = Progress.open(recipe.output, identity, resume, overwrite) if recipe.output and processes == 1 else None
     unfuse_experts(model)  # experts as linears (compressor/nn/experts.py), so that the plan sees them
     plan(model, loaded.adapter, recipe.passes)  # fail on bad targets before reading any data
     warn_if_slow_dtype(model, device)

@@ -15,7 +15,7 @@ after some whole layer, never a mix. `compress run --resume` (compressor.compres
 resume=True)) checks that the folder belongs to the same recipe and model, rebuilds the finished layers from
 their records and tensors (as loading a checkpoint does), and goes on with the next layer; the checkpoint it
 writes equals an uninterrupted run's. The folder is removed once the checkpoint is saved; a run without
---resume starts over and replaces it.
+--resume refuses to start while it exists, unless --overwrite (then it starts over and replaces it).
 """
 
 import dataclasses
@@ -41,13 +41,16 @@ class Progress:
         self.state = {"identity": identity, "layers_done": 0, "records": {}, "runs": {}}
 
     @classmethod
-    def open(cls, output: str | Path, identity: dict, resume: bool) -> "Progress":
+    def open(cls, output: str | Path, identity: dict, resume: bool, overwrite: bool = False) -> "Progress":
         """The folder for `output`: read back with `resume` (refused when missing or made by another run),
-        otherwise started empty (an earlier partial run there is removed)."""
+        otherwise started empty; an interrupted run found there is refused unless `overwrite` (then removed)."""
         out = Path(output)
         progress = cls(out.with_name(f".{out.name}.partial"), identity)
         saved = progress.folder / "progress.json"
         if not resume:
+            if saved.is_file() and not overwrite:
+                raise CompressorError(f"an interrupted run of this output is kept in {progress.folder}: --resume goes "
+                                      "on from it, --overwrite starts over (and removes it)")
             shutil.rmtree(progress.folder, ignore_errors=True)
             return progress
         if not saved.is_file():
@@ -57,8 +60,8 @@ class Progress:
         if progress.state["identity"] != identity:
             differs = sorted(k for k in identity if identity[k] != progress.state["identity"].get(k))
             raise CompressorError(f"--resume: the interrupted run in {progress.folder} was made with another "
-                                  f"{' and '.join(differs)}; run without --resume to start over (the partial run "
-                                  "is then replaced)")
+                                  f"{' and '.join(differs)}; run with --overwrite instead of --resume to start over "
+                                  "(the interrupted run is then removed)")
         return progress
 
     @property

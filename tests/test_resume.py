@@ -88,10 +88,13 @@ def test_resume_refuses_another_recipe_and_a_missing_run(llama_dir, corpus, tmp_
         interrupted(m, after_layer=0)
         with pytest.raises(KeyboardInterrupt):
             compressor.compress(recipe_dict(llama_dir, corpus, [{"gptq": {"bits": 4}}], out), progress=False)
-    with pytest.raises(CompressorError, match="made with another passes; run without --resume to start over"):
+    with pytest.raises(CompressorError, match="made with another passes; run with --overwrite instead of --resume"):
         compressor.compress(recipe_dict(llama_dir, corpus, [{"gptq": {"bits": 3}}], out), progress=False,
                             resume=True)
-    compressor.compress(recipe_dict(llama_dir, corpus, [{"gptq": {"bits": 3}}], out), progress=False)  # starts over
+    with pytest.raises(CompressorError, match=r"an interrupted run of this output is kept in .*\.ckpt\.partial: "
+                                              r"--resume goes on from it, --overwrite starts over"):
+        compressor.compress(recipe_dict(llama_dir, corpus, [{"gptq": {"bits": 3}}], out), progress=False)
+    compressor.compress(recipe_dict(llama_dir, corpus, [{"gptq": {"bits": 3}}], out), progress=False, overwrite=True)
     assert out.is_dir() and not (tmp_path / ".ckpt.partial").exists()
 
 
