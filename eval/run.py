@@ -36,7 +36,7 @@ MODELS = ["bundled:smollm2-135m", "bundled:gemma-3-270m"]
 CALIBRATION = {"dataset": "bundled:wikileads", "samples": 64, "seqlen": 2048, "seed": 0}
 GROUP = "group size of the model"
 GROUP_SIZE = {"bundled:smollm2-135m": 64, "bundled:gemma-3-270m": 128}  # 576 = 9 x 64, 640 = 5 x 128
-FAMILY = {"bundled:smollm2-135m": "llama", "bundled:gemma-3-270m": "gemma3"}  # each model's adapter
+FAMILY = {"bundled:smollm2-135m": "llama", "bundled:gemma-3-270m": "gemma"}  # each model's adapter
 # as many parameters as slice 25% (a few fewer), but layer 0, where the embeddings enter, kept whole
 SLICE_25_LAYER_0_KEPT = {"slice": {"fraction": 0.26, "layer_fractions": {0: 0.0}}}
 SPARSITIES = [("50%", {"sparsity": 0.5}), ("2:4", {"pattern": "2:4"}), ("4:8", {"pattern": "4:8"}),

@@ -52,8 +52,8 @@ LLAMA = Adapter(name="llama", model_types=("llama", "mistral", "qwen2"), sliced_
                 gguf_permute_qk=("llama", "mistral"))
 
 # Gemma-3 (and Gemma-2) use "sandwich" norms: a norm on each block's output before the residual add.
-GEMMA3 = Adapter(
-    name="gemma3",
+GEMMA = Adapter(
+    name="gemma",
     model_types=("gemma3_text", "gemma2"),
     mlp_inputs=("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     attn_output=("self_attn.o_proj", "post_attention_layernorm"),
@@ -65,7 +65,7 @@ GEMMA3 = Adapter(
     gguf_norm_offset=1.0,
 )
 
-ADAPTERS = (LLAMA, GEMMA3)
+ADAPTERS = (LLAMA, GEMMA)
 
 
 def adapter_for(model: PreTrainedModel) -> Adapter:
