@@ -132,3 +132,11 @@ def test_next_norm_loss_is_refused_before_work_where_the_norms_are_not_known(cor
     passes = [*PASSES["lrec"], {"lrec_refine": {"steps": 1, "loss": "next_norm"}}]
     with pytest.raises(CompressorError, match="loss next_norm needs the norm .* not known for olmo2 models"):
         compressor.compress(recipe_dict(path, corpus, passes), progress=False)
+
+
+def test_decoder_layers_are_found_when_a_layer_has_as_many_experts():
+    config = FAMILIES["mixtral"]()
+    config.num_local_experts = config.num_hidden_layers  # a list of experts as long as the list of layers
+    model = T.AutoModelForCausalLM.from_config(config)
+    unfuse_experts(model)
+    assert adapter_for(model).layers == "model.layers"

@@ -105,10 +105,12 @@ def discover(model: PreTrainedModel) -> Adapter:
 
 
 def decoder_blocks(model: PreTrainedModel) -> nn.ModuleList:
-    """The ModuleList of the model's `num_hidden_layers` decoder blocks, all of one class."""
+    """The ModuleList of the model's `num_hidden_layers` decoder blocks, all of one class (the outermost such list:
+    a layer's list of experts may happen to have as many)."""
     count = getattr(model.config.get_text_config(), "num_hidden_layers", None)
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    blocks = [m for _, m in found if len(m) == count and len({type(b) for b in m}) == 1]
+    lists = [(name.count("."), m) for name, m in found if len(m) == count and len({type(b) for b in m}) == 1]
+    blocks = [m for depth, m in lists if depth == min(d for d, _ in lists)]
     if len(blocks) != 1:
         seen = ", ".join(f"{name} ({len(m)} x {type(m[0]).__name__})" for name, m in found) or "no module lists"
         raise CompressorError(f"cannot find the decoder layers of {type(model).__name__}: expected one list of "
