@@ -147,6 +147,9 @@ def export_compressed_tensors(path: str | Path, out: str | Path, dense_fallback:
     if cc is not None and any(r["pass"] == "slice" for records in cc["modules"].values() for r in records):
         raise CompressorError(f"{path} was sliced: its layers' shapes differ from the model config, which "
                               "vLLM builds the model from; export a checkpoint that was not sliced")
+    if cc is not None and any(r["pass"] == "unfuse_experts" for records in cc["modules"].values() for r in records):
+        raise CompressorError(f"{path} holds a mixture-of-experts model's experts as one linear each, a layout the "
+                              "compressed-tensors export does not write yet; load it with compressor.load")
     model = checkpoint.load(path, keep_packed=True)  # a folder that is not a checkpoint is refused here
     dtype = getattr(torch, dtype) if dtype else model.dtype
     state = {name: t.detach().to(dtype) if t.is_floating_point() else t for name, t in model.state_dict().items()}

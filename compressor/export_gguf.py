@@ -109,6 +109,9 @@ def export_gguf(path: str | Path, out: str | Path, embedding_type: str = "auto",
     done = {r["pass"] for records in cc["modules"].values() for r in records}
     if "slice" in done:
         raise CompressorError(f"{path} was sliced: its shapes differ from what llama.cpp builds from the metadata")
+    if "unfuse_experts" in done:
+        raise CompressorError(f"{path} holds a mixture-of-experts model's experts as one linear each, which the GGUF "
+                              "export does not write yet")
     source = source_gguf(cc["source"])
     if source is None:
         raise CompressorError(NOT_FROM_GGUF.format(source=cc["source"]))

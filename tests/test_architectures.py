@@ -140,3 +140,16 @@ def test_decoder_layers_are_found_when_a_layer_has_as_many_experts():
     model = T.AutoModelForCausalLM.from_config(config)
     unfuse_experts(model)
     assert adapter_for(model).layers == "model.layers"
+
+
+def test_exports_refuse_a_mixture_of_experts_checkpoint(corpus, tmp_path):
+    from compressor.export import export_compressed_tensors
+    from compressor.export_gguf import export_gguf
+
+    out = tmp_path / "ckpt"
+    compressor.compress(recipe_dict(moe_dir(tmp_path, "qwen3_moe"), corpus, PASSES["rtn"], out), progress=False)
+    with pytest.raises(CompressorError, match="mixture-of-experts model's experts as one linear each"):
+        export_compressed_tensors(out, tmp_path / "ct")
+    with pytest.raises(CompressorError, match="mixture-of-experts model's experts as one linear each"):
+        export_gguf(out, tmp_path / "model.gguf")
+    assert not (tmp_path / "ct").exists() and not (tmp_path / "model.gguf").exists()
