@@ -58,6 +58,7 @@ def compress(recipe: "str | Path | dict | Recipe", model: PreTrainedModel | None
     else:
         if tokenizer is None:
             raise CompressorError("compress(model=...) also needs tokenizer=...")
+        unfuse_experts(model)  # as load_model does: experts as linears, so that the plan sees them
         loaded = LoadedModel(model, tokenizer, adapter_for(model), recipe.model, None)
     return _compress_loaded(recipe, loaded, overwrite, progress, resume)
 
@@ -73,7 +74,6 @@ def _compress_loaded(recipe: Recipe, loaded: LoadedModel, overwrite: bool, progr
     resolved = recipe.resolved()
     identity = {"model": loaded.source, **{k: resolved[k] for k in ("dtype", "calibration", "passes")}}
     saved = Progress.open(recipe.output, identity, resume, overwrite) if recipe.output and processes == 1 else None
-    unfuse_experts(model)  # experts as linears (compressor/nn/experts.py), so that the plan sees them
     plan(model, loaded.adapter, recipe.passes)  # fail on bad targets before reading any data
     warn_if_slow_dtype(model, device)
     windows = None
@@ -192,7 +192,6 @@ def run(recipe_path: "str | Path | dict", overwrite: bool = False, progress: boo
     if windows is not None:
         ev = dataclasses.replace(ev or Perplexity(), windows=windows)
     loaded = load_model(recipe.model, recipe.dtype)
-    unfuse_experts(loaded.model)
     plan(loaded.model, loaded.adapter, recipe.passes)
     report: dict = {"model": recipe.model, "recipe": recipe.source, "output": recipe.output,
                     "export": recipe.export.output if recipe.export else None}

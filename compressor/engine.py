@@ -28,7 +28,7 @@ from transformers import PreTrainedModel
 from compressor.distributed import broadcast_into, broadcast_object, rank_and_size, summed
 from compressor.errors import CompressorError, CompressorWarning
 from compressor.models import Adapter
-from compressor.nn import RUNTIME_MODULES, UnfusedExperts, unfuse_experts
+from compressor.nn import RUNTIME_MODULES, UnfusedExperts
 from compressor.passes import Pass
 from compressor.passes.base import LayerContext, LayerPass, LayerState, layer_output, matches
 from compressor.passes.hessian import window_hessian, with_sink_weight
@@ -41,8 +41,8 @@ class _Stop(Exception):
 
 
 def plan(model: PreTrainedModel, adapter: Adapter, passes: list[Pass]) -> list[list[list[str]]]:
-    """For each pass and decoder layer, the names of the linears it targets (mixture-of-experts experts: after
-    unfuse_experts, which compress_model runs first). Fails before any work when
+    """For each pass and decoder layer, the names of the linears it targets (mixture-of-experts experts once split
+    by unfuse_experts, as load_model does). Fails before any work when
     a target matches nothing, a pass cannot run on a linear, or passes come in an order that cannot
     work (quantizing twice, pruning a quantized linear)."""
     layers = adapter.decoder_layers(model)
@@ -97,10 +97,9 @@ def compress_model(model: PreTrainedModel, adapter: Adapter, passes: list[Pass],
 
     windows: [n, L] calibration token ids, required when a pass needs statistics.
     saved: where each finished layer is kept (compressor/resume.py); the run starts after the layers it holds.
-    Fused mixture-of-experts experts are first split into one set of linears per expert (compressor/nn/experts.py),
-    so the passes reach them; each expert's statistics then come from the tokens routed to it.
+    Mixture-of-experts experts are expected split into linears (compressor/nn/experts.py; load_model and
+    compressor.compress do it), so the passes reach them; each expert's statistics come from the tokens routed to it.
     """
-    unfuse_experts(model)  # (a no-op where the caller did it before planning)
     records: dict[str, list[dict]] = defaultdict(list)
     for name, experts in model.named_modules():  # recorded first: loading rebuilds them before their linears
         if isinstance(experts, UnfusedExperts):
@@ -193,9 +192,11 @@ def owners(model: PreTrainedModel, index: int, layer: nn.Module, linears: dict[s
     process and for every pass, so the state one pass hands to the next on a linear stays in one process) dealt
     out in turn. One process: 0 for all."""
     size = rank_and_size()[1]
+    if size == 1:
+        return dict.fromkeys(linears, 0)
     prefix = next(name for name, m in model.named_modules() if m is layer) + "."
     order = [prefix + n for n, m in layer.named_modules() if hasattr(m, "in_features")]
-    return {name: order.index(name) % size if size > 1 else 0 for name in linears}
+    return {name: order.index(name) % size for name in linears}
 
 
 def receive_linear(model: PreTrainedModel, name: str, linear: nn.Module, record: dict | None, owner: int) -> dict:

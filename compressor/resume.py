@@ -37,7 +37,7 @@ class Progress:
     """The partial-run folder of one output: what `compress_model` saves after each layer and resumes from."""
 
     def __init__(self, folder: Path, identity: dict):
-        self.folder, self.identity = folder, identity
+        self.folder = folder
         self.state = {"identity": identity, "layers_done": 0, "records": {}, "runs": {}}
 
     @classmethod

@@ -21,7 +21,6 @@ from run import code_version, cpu_name  # eval/run.py: the commit and machine ev
 from compressor.data import calibration_windows, load_documents
 from compressor.engine import apply_linear_pass, capture_layer_inputs, plan, run_layer
 from compressor.models import load_model
-from compressor.nn import unfuse_experts
 from compressor.passes.base import LayerContext, LayerPass, LayerState
 from compressor.recipe import load_recipe
 
@@ -36,7 +35,6 @@ def time_layer(recipe_path: str, index: int, samples: int | None, seqlen: int | 
     model, adapter, device = loaded.model, loaded.adapter, torch.device("cpu")
     windows = calibration_windows(loaded.tokenizer, load_documents(cal.dataset, "calibration", cal.text_field),
                                   samples, seqlen, cal.seed)
-    unfuse_experts(model)  # as compress_model does before planning
     targets = plan(model, adapter, recipe.passes)
     with torch.no_grad():
         hidden, layer_kwargs = capture_layer_inputs(model, adapter, windows)

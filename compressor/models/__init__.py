@@ -8,6 +8,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from compressor.models.adapters import ADAPTERS, Adapter, adapter_for
 from compressor.models.sources import BUNDLED, load_pretrained, resolve
+from compressor.nn import unfuse_experts
 
 
 @dataclass
@@ -20,9 +21,11 @@ class LoadedModel:
 
 
 def load_model(source: str, dtype: str = "float32") -> LoadedModel:
-    """Load `source` (bundled:NAME, folder, .gguf, hub id) on the CPU in `dtype`."""
+    """Load `source` (bundled:NAME, folder, .gguf, hub id) on the CPU in `dtype`, mixture-of-experts experts split
+    into linears (compressor/nn/experts.py: the same function, and what the passes reach)."""
     location = resolve(source)
     model, tokenizer = load_pretrained(location, getattr(torch, dtype))
+    unfuse_experts(model)
     adapter = adapter_for(model)
     return LoadedModel(model, tokenizer, adapter, source, location if isinstance(location, Path) else None)
 
