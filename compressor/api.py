@@ -20,11 +20,10 @@ from compressor.export_gguf import export_gguf
 from compressor.models import LoadedModel, adapter_for, load_model
 from compressor.nn import SparseLinear, unfuse_experts
 from compressor.passes.base import LayerPass
-from compressor.passes.prune import store_sparse
 from compressor.perplexity import perplexity
 from compressor.recipe import Perplexity, Recipe, load_recipe
 from compressor.resume import Progress
-from compressor.runtime import count_parameters, peak_memory, resolve_device, warn_if_slow_dtype
+from compressor.runtime import count_parameters, peak_memory, resolve_device, warn_if_slow_dtype, with_layers
 
 
 def open_model(source: str, dtype: str = "float32", keep_packed: bool = False, device: str | torch.device = "cpu"
@@ -39,7 +38,7 @@ def open_model(source: str, dtype: str = "float32", keep_packed: bool = False, d
 
 def compress(recipe: "str | Path | dict | Recipe", model: PreTrainedModel | None = None,
              tokenizer: PreTrainedTokenizerBase | None = None, overwrite: bool = False,
-             progress: bool = True, resume: bool = False) -> PreTrainedModel:
+             progress: bool = True, resume: bool = False, stream: bool = False) -> PreTrainedModel:
     """Compress a model by a recipe (YAML path, dict or Recipe) and save it when the recipe has `output`.
 
     With `model` (and its `tokenizer`) given, that in-memory model is compressed instead of the
@@ -50,11 +49,15 @@ def compress(recipe: "str | Path | dict | Recipe", model: PreTrainedModel | None
     saved checkpoint runs them at the dense model's speed, as `compressor.nn.unpack_weights` does in memory.
     With an `output`, each finished decoder layer is kept on disk until the checkpoint is saved; `resume` goes on
     from those of an interrupted run of the same recipe and model (compressor/resume.py).
+    With `stream`, the model (a local folder) is never whole in memory: each decoder layer is read from its files
+    when its turn comes and written out once compressed (compressor/models/streamed.py); the checkpoint is the
+    same, and the returned model holds its decoder layers' shapes only (load the checkpoint to run it).
     """
     recipe = load_recipe(recipe)
     check_outputs(recipe, overwrite)
+    check_stream(recipe, stream, model is not None)
     if model is None:
-        loaded = load_model(recipe.model, recipe.dtype)
+        loaded = load_model(recipe.model, recipe.dtype, stream)
     else:
         if tokenizer is None:
             raise CompressorError("compress(model=...) also needs tokenizer=...")
@@ -73,7 +76,8 @@ def _compress_loaded(recipe: Recipe, loaded: LoadedModel, overwrite: bool, progr
     check_processes(recipe, processes, resume)
     resolved = recipe.resolved()
     identity = {"model": loaded.source, **{k: resolved[k] for k in ("dtype", "calibration", "passes")}}
-    saved = Progress.open(recipe.output, identity, resume, overwrite) if recipe.output and processes == 1 else None
+    saved = Progress.open(recipe.output, identity, resume, overwrite, loaded.adapter.layers) \
+        if recipe.output and processes == 1 else None
     plan(model, loaded.adapter, recipe.passes)  # fail on bad targets before reading any data
     warn_if_slow_dtype(model, device)
     windows = None
@@ -81,14 +85,22 @@ def _compress_loaded(recipe: Recipe, loaded: LoadedModel, overwrite: bool, progr
         cal = recipe.calibration
         docs = load_documents(cal.dataset, "calibration", cal.text_field)
         windows = share(calibration_windows(tokenizer, docs, cal.samples, cal.seqlen, cal.seed))
-    dense = count_parameters(model)
+    streamed = loaded.streamed
+    dense = count_parameters(model)  # of a streamed model: its embeddings and head (the layers count as they pass)
     with torch.no_grad():
-        records = compress_model(model, loaded.adapter, recipe.passes, windows, device, progress, saved)
-        store_sparse(model, records)
+        records = compress_model(model, loaded.adapter, recipe.passes, windows, device, progress, saved, streamed)
+    compressed = count_parameters(model)
+    if streamed is not None:
+        dense, compressed = with_layers(dense, streamed.dense), with_layers(compressed, streamed.compressed)
     model.compression_config = {"recipe": recipe.resolved(), "recipe_as_written": recipe.raw,
                                 "source": loaded.source, "modules": records,
-                                "parameters": {"dense": dense, "compressed": count_parameters(model)}}
-    if recipe.output and is_main():
+                                "parameters": {"dense": dense, "compressed": compressed}}
+    if recipe.output and is_main() and loaded.streamed is not None:
+        layers = len(loaded.adapter.decoder_layers(model))
+        checkpoint.save_streamed(model, tokenizer, recipe.output, model.compression_config,
+                                 [saved.layer_file(i) for i in range(layers)], loaded.adapter.layers, overwrite)
+        saved.remove()
+    elif recipe.output and is_main():
         checkpoint.save(model, tokenizer, recipe.output, model.compression_config, overwrite)
         if saved is not None:
             saved.remove()
@@ -100,6 +112,21 @@ def _compress_loaded(recipe: Recipe, loaded: LoadedModel, overwrite: bool, progr
                                   recipe.export.dtype, overwrite)
     barrier()  # the other processes wait until process 0 has written
     return model
+
+
+def check_stream(recipe: Recipe, stream: bool, in_memory: bool) -> None:
+    """Refuse, before any work, what a streamed run cannot do: keep no output, run in several processes, stream a
+    model already in memory."""
+    if not stream:
+        return
+    if in_memory:
+        raise CompressorError("stream=True reads the recipe's model from its files; a model given in memory is "
+                              "compressed as it is (leave out stream)")
+    if not recipe.output:
+        raise CompressorError(f"{recipe.source}: --stream writes each compressed layer to the recipe's `output`; "
+                              "add one")
+    if rank_and_size()[1] > 1:
+        raise CompressorError("--stream runs in one process only; run without torchrun (or --nproc)")
 
 
 def check_processes(recipe: Recipe, processes: int, resume: bool) -> None:
@@ -177,10 +204,11 @@ def evaluate(model: "PreTrainedModel | str", tokenizer: PreTrainedTokenizerBase 
 
 
 def run(recipe_path: "str | Path | dict", overwrite: bool = False, progress: bool = True,
-        windows: int | None = None, no_eval: bool = False, resume: bool = False) -> dict:
+        windows: int | None = None, no_eval: bool = False, resume: bool = False, stream: bool = False) -> dict:
     """`compress run`: load, evaluate before (if asked), compress, save, re-load, evaluate after.
     `windows` evaluates on the first N windows whatever the recipe says (its dataset and seqlen, or the
-    defaults); `no_eval` skips both evaluations; `resume` goes on from an interrupted run's finished layers."""
+    defaults); `no_eval` skips both evaluations; `resume` goes on from an interrupted run's finished layers;
+    `stream` reads and writes one decoder layer at a time (see `compress`), and so evaluates nothing."""
     recipe = load_recipe(recipe_path)
     if recipe.output is None:
         raise CompressorError(f"{recipe.source}: output: missing; `compress run` writes a checkpoint")
@@ -191,7 +219,11 @@ def run(recipe_path: "str | Path | dict", overwrite: bool = False, progress: boo
     ev = None if no_eval else recipe.evaluate
     if windows is not None:
         ev = dataclasses.replace(ev or Perplexity(), windows=windows)
-    loaded = load_model(recipe.model, recipe.dtype)
+    check_stream(recipe, stream, False)
+    if stream and ev:
+        raise CompressorError(f"{recipe.source} evaluates the model, which --stream never holds whole: add --no-eval, "
+                              "and evaluate the checkpoint on a machine that holds it (compress eval OUTPUT)")
+    loaded = load_model(recipe.model, recipe.dtype, stream)
     plan(loaded.model, loaded.adapter, recipe.passes)
     report: dict = {"model": recipe.model, "recipe": recipe.source, "output": recipe.output,
                     "export": recipe.export.output if recipe.export else None}
@@ -213,8 +245,8 @@ def run(recipe_path: "str | Path | dict", overwrite: bool = False, progress: boo
     del loaded, model
     if ev:
         report["after"] = evaluate(recipe.output, None, ev.dataset, ev.seqlen, ev.windows, recipe.device, progress)
-    else:
-        compressed = load(recipe.output)
-        report["after"] = {**count_parameters(compressed), "bytes_on_disk": checkpoint.weight_bytes(recipe.output),
-                           "linear_bits_per_weight": checkpoint.linear_bits_per_weight(compressed.compression_config)}
+    else:  # the counts that compression recorded
+        cc = read_compression_config(recipe.output)
+        report["after"] = {**cc["parameters"]["compressed"], "bytes_on_disk": checkpoint.weight_bytes(recipe.output),
+                           "linear_bits_per_weight": checkpoint.linear_bits_per_weight(cc)}
     return report

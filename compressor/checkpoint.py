@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 import transformers
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from compressor.checkpoint_format import FORMAT_VERSION, VERSION, read_compression_config
 from compressor.errors import CompressorError, CompressorWarning
+from compressor.models.streamed import read_header
 from compressor.nn import PackedLinear, rebuild, unpack_weights
 from compressor.runtime import is_out_of_memory
 
@@ -55,6 +56,53 @@ def save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output: str
                                         "versions": versions()}
         config_path.write_text(json.dumps(config, indent=2) + "\n")
     return out
+
+
+def save_streamed(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output: str | Path,
+                  compression_config: dict, layer_files: list[Path], layers: str, overwrite: bool = False) -> Path:
+    """Write the checkpoint of a streamed run (compressor/models/streamed.py), whose decoder layers are no longer in
+    memory: each finished layer's file (its tensors under their full names) becomes one shard, hard-linked where
+    the filesystem allows; the tensors outside the layers go into the last shard; an index names each tensor's
+    shard, as save_pretrained's sharded checkpoints do. Atomic, as `save` is."""
+    out = Path(output)
+    check_output(out, overwrite)
+    shards = len(layer_files) + 1
+    name = "model-{:05d}-of-{:05d}.safetensors".format
+    with folder_in_place(out) as tmp:
+        weight_map, total = {}, 0
+        for i, file in enumerate(layer_files):
+            link_or_copy(file, tmp / name(i + 1, shards))
+            for key, entry in read_header(file).items():
+                weight_map[key] = name(i + 1, shards)
+                total += entry["data_offsets"][1] - entry["data_offsets"][0]
+        rest, seen = {}, set()
+        for key, tensor in model.state_dict().items():
+            if not key.startswith(layers + ".") and tensor.data_ptr() not in seen:  # a tied head is stored once
+                seen.add(tensor.data_ptr())
+                rest[key] = tensor.contiguous()
+        save_file(rest, tmp / name(shards, shards), metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(rest, name(shards, shards))
+        total += sum(t.numel() * t.element_size() for t in rest.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(tmp)
+        if model.can_generate() and model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        config_path = tmp / "config.json"
+        config = json.loads(config_path.read_text())
+        config["compression_config"] = {"format_version": FORMAT_VERSION, **compression_config,
+                                        "versions": versions()}
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copyfile(source, target)
 
 
 @contextmanager

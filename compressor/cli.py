@@ -77,9 +77,12 @@ def main() -> None:
               "finished (kept in .OUTPUT.partial beside the output) instead of starting over.")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, help="Calibrate in N processes (torchrun on this "
               "machine), each on a share of the calibration windows; process 0 writes the checkpoint.")
+@click.option("--stream", is_flag=True, help="Never hold the whole model: read each decoder layer from the model "
+              "folder's safetensors files when its turn comes and write it out once compressed (peak memory: about "
+              "one layer, its calibration activations, the embeddings and head). Needs --no-eval.")
 @_threads_option
 def run(recipe: str, overwrite: bool, json_path: str | None, windows: int | None, no_eval: bool, resume: bool,
-        nproc: int, threads: int | None) -> None:
+        nproc: int, stream: bool, threads: int | None) -> None:
     """Compress a model by RECIPE (YAML) and save the checkpoint; evaluate before/after if it asks."""
     if not Path(recipe).is_file():  # before the heavy imports: an error in well under a second
         raise CompressorError(f"recipe file not found: {recipe}")
@@ -88,6 +91,8 @@ def run(recipe: str, overwrite: bool, json_path: str | None, windows: int | None
         from compressor.recipe import load_recipe
 
         check_processes(load_recipe(recipe), nproc, resume)  # refused here, with exit code 2, not in each process
+        if stream:
+            raise CompressorError("--stream runs in one process only; leave out --nproc")
         options = {"--overwrite": overwrite, "--no-eval": no_eval, "--resume": resume, "--json": json_path,
                    "--windows": windows, "--threads": threads}
         args = [arg for flag, value in options.items() if value
@@ -99,7 +104,7 @@ def run(recipe: str, overwrite: bool, json_path: str | None, windows: int | None
 
     _set_threads(threads)
     start()
-    report = run_recipe(recipe, overwrite=overwrite, windows=windows, no_eval=no_eval, resume=resume)
+    report = run_recipe(recipe, overwrite=overwrite, windows=windows, no_eval=no_eval, resume=resume, stream=stream)
     if not report:  # a process other than 0 under torchrun: process 0 reports
         return
     before, after = report["before"], report["after"]

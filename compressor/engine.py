@@ -28,10 +28,12 @@ from transformers import PreTrainedModel
 from compressor.distributed import broadcast_into, broadcast_object, rank_and_size, summed
 from compressor.errors import CompressorError, CompressorWarning
 from compressor.models import Adapter
+from compressor.models.streamed import StreamedLayers
 from compressor.nn import RUNTIME_MODULES, UnfusedExperts
 from compressor.passes import Pass
 from compressor.passes.base import LayerContext, LayerPass, LayerState, layer_output, matches
 from compressor.passes.hessian import window_hessian, with_sink_weight
+from compressor.passes.prune import store_sparse
 from compressor.resume import Progress
 from compressor.runtime import is_out_of_memory
 
@@ -91,12 +93,14 @@ def warn_fused_experts(layer: nn.Module, prefix: str) -> None:
 
 
 def compress_model(model: PreTrainedModel, adapter: Adapter, passes: list[Pass], windows: torch.Tensor | None,
-                   device: torch.device, progress: bool = True, saved: Progress | None = None
-                   ) -> dict[str, list[dict]]:
+                   device: torch.device, progress: bool = True, saved: Progress | None = None,
+                   streamed: StreamedLayers | None = None) -> dict[str, list[dict]]:
     """Run `passes` over every decoder layer; return per-module records of what was done.
 
     windows: [n, L] calibration token ids, required when a pass needs statistics.
     saved: where each finished layer is kept (compressor/resume.py); the run starts after the layers it holds.
+    streamed: the decoder layers are read from the model's files as the loop comes to them and dropped once kept
+    in `saved` (compressor/models/streamed.py), so only one is ever in memory.
     Mixture-of-experts experts are expected split into linears (compressor/nn/experts.py; load_model and
     compressor.compress do it), so the passes reach them; each expert's statistics come from the tokens routed to it.
     """
@@ -116,10 +120,12 @@ def compress_model(model: PreTrainedModel, adapter: Adapter, passes: list[Pass],
     runs = {k: p.new_run() for k, p in enumerate(passes) if isinstance(p, LayerPass)}  # carried across layers
     first = saved.layers_done if saved is not None else 0
     if first:
-        done_records, hidden = saved.restore(model, layers, runs)
+        done_records, hidden = saved.restore(model, layers, runs, load_layers=streamed is None)
         records.update(done_records)
     bar = tqdm(total=len(layers) * len(passes), initial=first * len(passes), disable=not progress, unit="step")
     for i in range(first, len(layers)):
+        if streamed is not None:
+            streamed.load(i)
         layer = layers[i]
         home = next(layer.parameters()).device
         layer.to(device)
@@ -145,8 +151,11 @@ def compress_model(model: PreTrainedModel, adapter: Adapter, passes: list[Pass],
         if needs_data and i + 1 < len(layers):
             hidden = outputs if outputs is not None else [run_layer(layer, h, kwargs, device) for h in hidden]
         layer.to(home)
+        store_sparse(model, {name: records[name] for name in records if name.startswith(f"{adapter.layers}.{i}.")})
         if saved is not None:
             saved.save_layer(i, layers[i], records, hidden, runs)  # layers[i]: a pass may have replaced the layer
+        if streamed is not None:
+            streamed.release(i)
     for k, run in runs.items():
         for name, record in passes[k].finish(model, adapter, run).items():
             records[name].append(record)

@@ -4,7 +4,8 @@ While a recipe with an `output` compresses, the folder `.NAME.partial` beside th
 
     progress.json          what the run is (the resolved recipe and the model source), how many decoder layers
                            are done, the records so far, and the plain values the passes carry between layers
-    layer-I.safetensors    decoder layer I as compressed, one file per finished layer
+    layer-I.safetensors    decoder layer I as compressed, one file per finished layer (its tensors under their
+                           names in the model, as a checkpoint's shard holds them)
     carried-I.safetensors  after layer I: the next layer's inputs (one tensor per calibration window) and the
                            tensors the passes carry between layers (lrec_refine's dense hidden states, slicing's
                            basis)
@@ -36,16 +37,18 @@ from compressor.nn import rebuild
 class Progress:
     """The partial-run folder of one output: what `compress_model` saves after each layer and resumes from."""
 
-    def __init__(self, folder: Path, identity: dict):
+    def __init__(self, folder: Path, identity: dict, layers: str = "model.layers"):
         self.folder = folder
+        self.layers = layers  # the decoder layers' name in the model (Adapter.layers)
         self.state = {"identity": identity, "layers_done": 0, "records": {}, "runs": {}}
 
     @classmethod
-    def open(cls, output: str | Path, identity: dict, resume: bool, overwrite: bool = False) -> "Progress":
+    def open(cls, output: str | Path, identity: dict, resume: bool, overwrite: bool = False,
+             layers: str = "model.layers") -> "Progress":
         """The folder for `output`: read back with `resume` (refused when missing or made by another run),
         otherwise started empty; an interrupted run found there is refused unless `overwrite` (then removed)."""
         out = Path(output)
-        progress = cls(out.with_name(f".{out.name}.partial"), identity)
+        progress = cls(out.with_name(f".{out.name}.partial"), identity, layers)
         saved = progress.folder / "progress.json"
         if not resume:
             if saved.is_file() and not overwrite:
@@ -80,7 +83,8 @@ class Progress:
             carried |= {f"run.{k}.{name}": t for name, t in tensors.items()}
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            self._write_tensors(f"layer-{index}.safetensors", {k: t.clone() for k, t in layer.state_dict().items()})
+            self._write_tensors(self.layer_file(index).name,
+                                {f"{self.layers}.{index}.{k}": t.clone() for k, t in layer.state_dict().items()})
             self._write_tensors(f"carried-{index}.safetensors", carried)
             tmp = self.folder / "progress.json.tmp"
             tmp.write_text(json.dumps(self.state | {"layers_done": index + 1, "records": records, "runs": plain}))
@@ -91,14 +95,21 @@ class Progress:
                                   f"before it are kept: free space and run again with --resume") from None
         self.state |= {"layers_done": index + 1, "records": records, "runs": plain}
 
-    def restore(self, model: nn.Module, layers: nn.ModuleList, runs: dict[int, Any]
+    def layer_file(self, index: int) -> Path:
+        return self.folder / f"layer-{index}.safetensors"
+
+    def restore(self, model: nn.Module, layers: nn.ModuleList, runs: dict[int, Any], load_layers: bool = True
                 ) -> tuple[dict[str, list[dict]], list[torch.Tensor]]:
-        """Put the finished layers into `model` (rebuilt from their records, then their tensors), the passes'
-        carried state into `runs` (in place); return the records so far and the next layer's inputs."""
+        """Put the finished layers into `model` (rebuilt from their records, then their tensors; left out with
+        `load_layers` False, as a streamed run does, whose checkpoint is made of the files), the passes' carried
+        state into `runs` (in place); return the records so far and the next layer's inputs."""
         records = self.state["records"]
-        rebuild(model, records, model.dtype)
-        for i in range(self.layers_done):
-            layers[i].load_state_dict(load_file(self.folder / f"layer-{i}.safetensors"), strict=True)
+        if load_layers:
+            rebuild(model, records, model.dtype)
+            for i in range(self.layers_done):
+                prefix = f"{self.layers}.{i}."
+                tensors = load_file(self.layer_file(i))
+                layers[i].load_state_dict({k.removeprefix(prefix): t for k, t in tensors.items()}, strict=True)
         carried = load_file(self.folder / f"carried-{self.layers_done - 1}.safetensors")
         hidden = [carried[f"hidden.{j}"] for j in range(sum(k.startswith("hidden.") for k in carried))]
         for k, run in runs.items():

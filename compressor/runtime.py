@@ -67,6 +67,16 @@ def peak_rss_mb() -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
+def available_memory() -> int | None:
+    """Bytes of memory the system can give this process now (MemAvailable of /proc/meminfo); None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def peak_memory(device: torch.device) -> dict[str, float]:
     report = {"peak_rss_mb": round(peak_rss_mb(), 1)}
     if device.type == "cuda":
@@ -74,17 +84,32 @@ def peak_memory(device: torch.device) -> dict[str, float]:
     return report
 
 
-def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Parameters (shared ones counted once), how many are nonzero, and how many are outside the input
-    embeddings and the output head. A runtime module that stores its weight in another form
-    (QuantLinear) counts the weights it stands for (`weight_counts()`)."""
-    params = list({id(p): p for p in model.parameters()}.values())
+def weights_in(module: nn.Module) -> tuple[int, int]:
+    """(weights, nonzero weights) of the module's tensors in memory: shared parameters counted once; a runtime
+    module that stores its weight in another form (QuantLinear) counts the weights it stands for
+    (`weight_counts()`); tensors on the meta device (a streamed model's layers not in memory) count nothing."""
+    params = [p for p in {id(p): p for p in module.parameters()}.values() if not p.is_meta]
     total = sum(p.numel() for p in params)
     nonzero = sum(int(torch.count_nonzero(p)) for p in params)
-    for module in model.modules():
-        if hasattr(module, "weight_counts"):
-            n, nz = module.weight_counts()
+    for sub in module.modules():
+        if hasattr(sub, "weight_counts") and not any(b.is_meta for b in sub.buffers()):
+            n, nz = sub.weight_counts()
             total, nonzero = total + n, nonzero + nz
+    return total, nonzero
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Parameters (see weights_in), how many are nonzero, and how many are outside the input embeddings and the
+    output head."""
+    total, nonzero = weights_in(model)
     ends = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
     embedding = sum(p.numel() for p in {id(p): p for m in ends for p in m.parameters()}.values())
     return {"parameters": total, "nonzero_parameters": nonzero, "parameters_without_embeddings": total - embedding}
+
+
+def with_layers(counts: dict[str, int], layers: tuple[int, int]) -> dict[str, int]:
+    """`counts` (count_parameters of a streamed model: its embeddings and head) with the (weights, nonzero) of the
+    decoder layers that the run counted as it held them."""
+    return {"parameters": counts["parameters"] + layers[0],
+            "nonzero_parameters": counts["nonzero_parameters"] + layers[1],
+            "parameters_without_embeddings": counts["parameters_without_embeddings"] + layers[0]}
