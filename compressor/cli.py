@@ -189,7 +189,8 @@ def info(checkpoint: str, modules: bool) -> None:
     run_report = Path(checkpoint) / "compress_report.json"
     if run_report.is_file():
         report = json.loads(run_report.read_text())
-        click.echo(f"compressed in {report['compress_wall_s']} s on {report['threads']} threads, "
+        threads = report["threads"]
+        click.echo(f"compressed in {report['compress_wall_s']} s on {threads} thread{'s' * (threads > 1)}, "
                    f"peak RSS {report['compress_memory']['peak_rss_mb']:.0f} MB"
                    + (f"; evaluated after with peak RSS {report['after']['peak_rss_mb']:.0f} MB"
                       if "peak_rss_mb" in report.get("after", {}) else ""))

@@ -13,8 +13,10 @@ families); a family whose files transformers converts while loading (fused mixtu
 per expert, renamed keys) is refused, naming the tensors not found.
 """
 
+import ctypes
 import json
 import struct
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -105,6 +107,18 @@ class StreamedLayers:
         layer = self.adapter.decoder_layers(self.model)[index]
         self.compressed = add(self.compressed, weights_in(layer))
         layer.to("meta")
+        release_free_memory()
+
+
+def release_free_memory() -> None:
+    """Hand the memory freed on the heap back to the system (glibc's malloc_trim). Tensors under glibc's mmap
+    threshold (up to 32 MB) live on the heap, where what one layer freed is not always reused by the next, so the
+    process would otherwise grow layer after layer (docs/design-decisions.md)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # another C library
+            pass
 
 
 def add(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
