@@ -108,16 +108,20 @@ def link_or_copy(source: Path, target: Path) -> None:
 @contextmanager
 def folder_in_place(out: Path) -> Iterator[Path]:
     """A new folder beside `out` to write into, renamed to `out` (replacing it) when the block completes and
-    removed if it fails: a reader never sees a half-written `out`."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    removed if it fails: a reader never sees a half-written `out`. A write that fails (a full disk) is reported as
+    such, with nothing left behind."""
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         yield tmp
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
+    except OSError as error:
+        raise CompressorError(f"could not write {out} ({error}); nothing was written there: free space (or choose "
+                              "another output) and run again") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

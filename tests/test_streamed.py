@@ -103,3 +103,22 @@ def test_streaming_refuses_what_it_cannot_do(corpus, tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["run", str(recipe), "--no-eval"])
     assert result.exit_code == 2 and "run with --stream" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_while_writing_the_checkpoint_leaves_nothing_and_resumes(corpus, tmp_path, monkeypatch):
+    from compressor import checkpoint
+
+    path = sharded_dir(tmp_path, "llama")
+    recipe = recipe_dict(path, corpus, RECIPES["rtn"], tmp_path / "streamed")
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "save_file", full)
+        with pytest.raises(CompressorError, match=r"could not write .*streamed \(.*No space left on device\); nothing "
+                                                  "was written there"):
+            compressor.compress(recipe, progress=False, stream=True)
+    assert not (tmp_path / "streamed").exists() and not list(tmp_path.glob(".streamed.tmp-*"))
+    compressor.compress(recipe, progress=False, stream=True, resume=True)  # all layers kept: it only writes
+    compressor.compress(recipe_dict(path, corpus, RECIPES["rtn"], tmp_path / "whole"), progress=False)
+    assert_same_checkpoint(tmp_path / "whole", tmp_path / "streamed")
