@@ -202,7 +202,7 @@ def tensor_data(model: PreTrainedModel, adapter: Adapter, module: nn.Module, mod
         weight = rows_in_order(model, weight, gguf_name, permute)
         return (weight.half() if float_linears == "F16" else weight).numpy(), None, None
     if "norm" in gguf_name:
-        weight = weight + adapter.gguf_norm_offset
+        weight = weight + adapter.norm_offset
     return weight.numpy(), None, None
 
 

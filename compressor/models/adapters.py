@@ -39,10 +39,11 @@ class Adapter:
     # measured to work on the family (docs/design-decisions.md).
     refine_reference: str = "layer"
     refine_loss: str = "total"
+    # The norms scale by offset + w, not by their weight w (Gemma's: 1 + w): what AWQ divides, what GGUF stores.
+    norm_offset: float = 0.0
     # How llama.cpp stores the family in GGUF, where it differs from transformers: for these model types, q/k rows
-    # in the rotary order of llama.cpp's Llama graph; norm weights w stored as w + offset (Gemma's: 1 + w).
+    # in the rotary order of llama.cpp's Llama graph (its norm weights: w + norm_offset).
     gguf_permute_qk: tuple[str, ...] = ()
-    gguf_norm_offset: float = 0.0
 
     def decoder_layers(self, model: PreTrainedModel) -> nn.ModuleList:
         return model.get_submodule(self.layers)
@@ -62,7 +63,7 @@ GEMMA = Adapter(
     # breaks the model, and fitted layer by layer even `next_norm` made W2 + LREC r16 worse than unrefined.
     refine_reference="model",
     refine_loss="next_norm",
-    gguf_norm_offset=1.0,
+    norm_offset=1.0,
 )
 
 ADAPTERS = (LLAMA, GEMMA)

@@ -1,5 +1,6 @@
 """The pass registry: recipe names -> pass classes."""
 
+from compressor.passes.awq import AWQ
 from compressor.passes.base import ParamError, Pass
 from compressor.passes.lowrank import LowRank
 from compressor.passes.lrec import LREC
@@ -9,6 +10,6 @@ from compressor.passes.quantize import GPTQ, RTN
 from compressor.passes.slice import Slice
 
 PASSES: dict[str, type[Pass]] = {
-    cls.name: cls for cls in (Magnitude, Wanda, SparseGPT, RTN, GPTQ, LREC, LRECRefine, LowRank, Slice)}
+    cls.name: cls for cls in (Magnitude, Wanda, SparseGPT, AWQ, RTN, GPTQ, LREC, LRECRefine, LowRank, Slice)}
 
 __all__ = ["PASSES", "Pass", "ParamError"]
