@@ -95,7 +95,7 @@ def _compress_loaded(recipe: Recipe, loaded: LoadedModel, overwrite: bool, progr
     model.compression_config = {"recipe": recipe.resolved(), "recipe_as_written": recipe.raw,
                                 "source": loaded.source, "modules": records,
                                 "parameters": {"dense": dense, "compressed": compressed}}
-    if recipe.output and is_main() and loaded.streamed is not None:
+    if recipe.output and is_main() and streamed is not None:
         layers = len(loaded.adapter.decoder_layers(model))
         checkpoint.save_streamed(model, tokenizer, recipe.output, model.compression_config,
                                  [saved.layer_file(i) for i in range(layers)], loaded.adapter.layers, overwrite)
