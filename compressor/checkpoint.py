@@ -49,12 +49,7 @@ def save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output: str
         # the tensors as the model holds them (load reads them back one to one), not converted back to a family's
         # older layout (transformers 5 would write fused experts [experts, out, in] as one tensor per expert)
         model.save_pretrained(tmp, safe_serialization=True, save_original_format=False)
-        tokenizer.save_pretrained(tmp)
-        config_path = tmp / "config.json"
-        config = json.loads(config_path.read_text())
-        config["compression_config"] = {"format_version": FORMAT_VERSION, **compression_config,
-                                        "versions": versions()}
-        config_path.write_text(json.dumps(config, indent=2) + "\n")
+        finish_folder(tmp, tokenizer, compression_config)
     return out
 
 
@@ -89,13 +84,18 @@ def save_streamed(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ou
         model.config.save_pretrained(tmp)
         if model.can_generate() and model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        config_path = tmp / "config.json"
-        config = json.loads(config_path.read_text())
-        config["compression_config"] = {"format_version": FORMAT_VERSION, **compression_config,
-                                        "versions": versions()}
-        config_path.write_text(json.dumps(config, indent=2) + "\n")
+        finish_folder(tmp, tokenizer, compression_config)
     return out
+
+
+def finish_folder(folder: Path, tokenizer: PreTrainedTokenizerBase, compression_config: dict) -> None:
+    """Add the tokenizer to a model folder, and `compression_config` (with the format and tool versions) to its
+    config.json: what makes the folder a checkpoint."""
+    tokenizer.save_pretrained(folder)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["compression_config"] = {"format_version": FORMAT_VERSION, **compression_config, "versions": versions()}
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def link_or_copy(source: Path, target: Path) -> None:
