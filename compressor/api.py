@@ -55,7 +55,7 @@ def compress(recipe: "str | Path | dict | Recipe", model: PreTrainedModel | None
     """
     recipe = load_recipe(recipe)
     check_outputs(recipe, overwrite)
-    check_stream(recipe, stream, model is not None)
+    check_stream(recipe, stream, model is not None, rank_and_size()[1])
     if model is None:
         loaded = load_model(recipe.model, recipe.dtype, stream)
     else:
@@ -114,7 +114,7 @@ def _compress_loaded(recipe: Recipe, loaded: LoadedModel, overwrite: bool, progr
     return model
 
 
-def check_stream(recipe: Recipe, stream: bool, in_memory: bool) -> None:
+def check_stream(recipe: Recipe, stream: bool, in_memory: bool, processes: int) -> None:
     """Refuse, before any work, what a streamed run cannot do: keep no output, run in several processes, stream a
     model already in memory."""
     if not stream:
@@ -125,7 +125,7 @@ def check_stream(recipe: Recipe, stream: bool, in_memory: bool) -> None:
     if not recipe.output:
         raise CompressorError(f"{recipe.source}: --stream writes each compressed layer to the recipe's `output`; "
                               "add one")
-    if rank_and_size()[1] > 1:
+    if processes > 1:
         raise CompressorError("--stream runs in one process only; run without torchrun (or --nproc)")
 
 
@@ -219,7 +219,7 @@ def run(recipe_path: "str | Path | dict", overwrite: bool = False, progress: boo
     ev = None if no_eval else recipe.evaluate
     if windows is not None:
         ev = dataclasses.replace(ev or Perplexity(), windows=windows)
-    check_stream(recipe, stream, False)
+    check_stream(recipe, stream, False, rank_and_size()[1])
     if stream and ev:
         raise CompressorError(f"{recipe.source} evaluates the model, which --stream never holds whole: add --no-eval, "
                               "and evaluate the checkpoint on a machine that holds it (compress eval OUTPUT)")

@@ -87,12 +87,12 @@ def run(recipe: str, overwrite: bool, json_path: str | None, windows: int | None
     if not Path(recipe).is_file():  # before the heavy imports: an error in well under a second
         raise CompressorError(f"recipe file not found: {recipe}")
     if nproc > 1 and "WORLD_SIZE" not in os.environ:  # this same command in nproc processes under torchrun
-        from compressor.api import check_processes
+        from compressor.api import check_processes, check_stream
         from compressor.recipe import load_recipe
 
-        check_processes(load_recipe(recipe), nproc, resume)  # refused here, with exit code 2, not in each process
-        if stream:
-            raise CompressorError("--stream runs in one process only; leave out --nproc")
+        parsed = load_recipe(recipe)  # refused here, with exit code 2, not in each process
+        check_processes(parsed, nproc, resume)
+        check_stream(parsed, stream, False, nproc)
         options = {"--overwrite": overwrite, "--no-eval": no_eval, "--resume": resume, "--json": json_path,
                    "--windows": windows, "--threads": threads}
         args = [arg for flag, value in options.items() if value
