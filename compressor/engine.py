@@ -29,7 +29,7 @@ from compressor.distributed import broadcast_into, broadcast_object, rank_and_si
 from compressor.errors import CompressorError, CompressorWarning
 from compressor.models import Adapter
 from compressor.models.streamed import StreamedLayers
-from compressor.nn import RUNTIME_MODULES, UnfusedExperts
+from compressor.nn import RUNTIME_MODULES, RotatedInput, UnfusedExperts
 from compressor.passes import Pass
 from compressor.passes.base import LayerContext, LayerPass, LayerState, layer_output, matches
 from compressor.passes.hessian import window_hessian, with_sink_weight
@@ -259,11 +259,15 @@ def out_of_memory(pass_name: str, index: int, linears: dict[str, nn.Module], dev
 
 def current_targets(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
     """The planned names resolved against the model as the earlier passes left it: the factors of a
-    low-rank linear (NAME.down, NAME.up) that stayed dense (no parameters saved) resolve to NAME."""
+    low-rank linear (NAME.down, NAME.up) that stayed dense (no parameters saved) resolve to NAME; a linear that
+    rotation gave an online input transform (RotatedInput) resolves to the linear inside it, NAME.linear."""
     modules = {}
     for name in names:
         try:
-            modules[name] = model.get_submodule(name)
+            module = model.get_submodule(name)
+            if isinstance(module, RotatedInput):
+                name, module = f"{name}.linear", module.linear
+            modules[name] = module
         except AttributeError:
             parent = name.rpartition(".")[0]
             modules[parent] = model.get_submodule(parent)

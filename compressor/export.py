@@ -116,12 +116,18 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.detach().float()
 
 
+ROTATED = ("export: a rotated model runs fast Hadamard transforms (before down_proj, around some norms) that the "
+           "model's architecture in vLLM does not have; leave `rotate` out of a recipe that exports")
+
+
 def check_recipe(passes: list, dense_fallback: bool) -> None:
     """Refuse, before any work starts, a recipe whose checkpoint the export would refuse."""
     for p in passes:
         if p.name == "slice":
             raise CompressorError("export: a sliced model's shapes differ from its config, which vLLM builds the "
                                   "model from; leave `slice` out of a recipe that exports")
+        if p.name == "rotate":
+            raise CompressorError(ROTATED)
         if dense_fallback:
             continue
         if getattr(p, "gguf", None):
@@ -147,6 +153,8 @@ def export_compressed_tensors(path: str | Path, out: str | Path, dense_fallback:
     if cc is not None and any(r["pass"] == "slice" for records in cc["modules"].values() for r in records):
         raise CompressorError(f"{path} was sliced: its layers' shapes differ from the model config, which "
                               "vLLM builds the model from; export a checkpoint that was not sliced")
+    if cc is not None and any(r["pass"] == "rotate" for records in cc["modules"].values() for r in records):
+        raise CompressorError(f"{path}: {ROTATED}")
     if cc is not None and any(r["pass"] == "unfuse_experts" for records in cc["modules"].values() for r in records):
         raise CompressorError(f"{path} holds a mixture-of-experts model's experts as one linear each, a layout the "
                               "compressed-tensors export does not write yet; load it with compressor.load")

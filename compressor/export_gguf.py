@@ -72,6 +72,10 @@ def check_output(out: str | Path, overwrite: bool) -> None:
         raise CompressorError(f"{out} already exists; choose another output or pass --overwrite")
 
 
+ROTATED = ("export to GGUF: a rotated model runs fast Hadamard transforms (before down_proj, around some norms) that "
+           "llama.cpp's graph for the architecture does not have; leave `rotate` out of a recipe that exports to GGUF")
+
+
 def check_exportable(passes: list, dense_fallback: bool, source: str, embedding_type: str = "auto",
                      head_type: str = "auto") -> None:
     """Refuse, before any work starts, a recipe whose checkpoint the GGUF export would refuse."""
@@ -83,6 +87,8 @@ def check_exportable(passes: list, dense_fallback: bool, source: str, embedding_
         if p.name == "slice":
             raise CompressorError("export to GGUF: a sliced model's shapes differ from what llama.cpp builds from "
                                   "the metadata; leave `slice` out of a recipe that exports to GGUF")
+        if p.name == "rotate":
+            raise CompressorError(ROTATED)
         if dense_fallback or p.produces == "gguf":
             continue
         if p.produces == "quantized":
@@ -109,6 +115,8 @@ def export_gguf(path: str | Path, out: str | Path, embedding_type: str = "auto",
     done = {r["pass"] for records in cc["modules"].values() for r in records}
     if "slice" in done:
         raise CompressorError(f"{path} was sliced: its shapes differ from what llama.cpp builds from the metadata")
+    if "rotate" in done:
+        raise CompressorError(f"{path}: {ROTATED}")
     if "unfuse_experts" in done:
         raise CompressorError(f"{path} holds a mixture-of-experts model's experts as one linear each, which the GGUF "
                               "export does not write yet")

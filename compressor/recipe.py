@@ -149,8 +149,27 @@ def parse_recipe(data: Any, source: str) -> Recipe:
     if not isinstance(passes, list) or not passes:
         fail("passes", "expected a non-empty list such as [{magnitude: {sparsity: 0.5}}]")
     parsed = [_parse_pass(entry, f"passes[{i}]", fail) for i, entry in enumerate(passes)]
+    _check_rotate_order(parsed, fail)
     return Recipe(model=model, passes=parsed, output=output, calibration=calibration, evaluate=evaluate,
                   export=export, device=device, dtype=dtype, source=source, raw=data)
+
+
+def _check_rotate_order(passes: list[Pass], fail) -> None:
+    """`rotate` changes the basis the passes after it see, so it comes first, and not with the passes that choose a
+    basis or fold scales into the norms it removes."""
+    names = [p.name for p in passes]
+    if "rotate" not in names:
+        return
+    i = names.index("rotate")
+    if i > 0:
+        fail(f"passes[{i}]", f"rotate must come first: it rotates the weights {names[0]} works on; move it to the top")
+    for j, name in enumerate(names):
+        if name == "slice" and passes[i].residual:
+            fail(f"passes[{j}]", "slice puts the residual stream in its own basis (its principal axes, which a "
+                                 "rotation before it leaves as they are): use slice, or rotate with residual: false")
+        if name == "awq":
+            fail(f"passes[{j}]", "awq scales the norms and the down_proj input that rotate folds away or rotates "
+                                 "online; use one of awq and rotate")
 
 
 def _parse_pass(entry: Any, where: str, fail) -> Pass:

@@ -153,3 +153,21 @@ def test_exports_refuse_a_mixture_of_experts_checkpoint(corpus, tmp_path):
     with pytest.raises(CompressorError, match="mixture-of-experts model's experts as one linear each"):
         export_gguf(out, tmp_path / "model.gguf")
     assert not (tmp_path / "ct").exists() and not (tmp_path / "model.gguf").exists()
+
+
+ROTATION_REFUSED = {"phi3": "Llama layout", "olmo2": "Llama layout", "qwen3_moe": "Llama layout",
+                    "mixtral": "Llama layout"}  # fused q/k/v, norms after the blocks only, experts
+
+
+def test_every_family_is_rotated_exactly_or_refused_with_the_reason(family_dir, corpus, request):
+    family = request.node.callspec.params["family_dir"]
+    recipe = recipe_dict(family_dir, corpus, [{"rotate": {}}])
+    if family in ROTATION_REFUSED:
+        with pytest.raises(CompressorError, match=ROTATION_REFUSED[family]):
+            compressor.compress(recipe, progress=False)
+        return
+    dense = T.AutoModelForCausalLM.from_pretrained(family_dir)
+    model = compressor.compress(recipe, progress=False)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, dense(input_ids=ids).logits, rtol=1e-4, atol=1e-4)

@@ -21,6 +21,7 @@ RECIPES = {
     "rtn": [{"rtn": {"bits": 4, "group_size": 32}}],
     "gptq": [{"gptq": {"bits": 4, "group_size": 32}}],
     "wanda-2of4": [{"wanda": {"pattern": "2:4"}}],  # stored sparse, layer by layer
+    "rotate-gptq": [{"rotate": {}}, {"gptq": {"bits": 4, "group_size": 32}}],  # rotates embeddings at the end
     "gptq-lrec-refine": [{"gptq": {"bits": 2, "group_size": 32}}, {"lrec": {"rank": 4, "factor_bits": 8}},
                          {"lrec_refine": {"steps": 3, "reference": "model"}}],
 }

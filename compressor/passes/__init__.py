@@ -7,9 +7,10 @@ from compressor.passes.lrec import LREC
 from compressor.passes.lrec_refine import LRECRefine
 from compressor.passes.prune import Magnitude, SparseGPT, Wanda
 from compressor.passes.quantize import GPTQ, RTN
+from compressor.passes.rotate import Rotate
 from compressor.passes.slice import Slice
 
 PASSES: dict[str, type[Pass]] = {
-    cls.name: cls for cls in (Magnitude, Wanda, SparseGPT, AWQ, RTN, GPTQ, LREC, LRECRefine, LowRank, Slice)}
+    cls.name: cls for cls in (Rotate, Magnitude, Wanda, SparseGPT, AWQ, RTN, GPTQ, LREC, LRECRefine, LowRank, Slice)}
 
 __all__ = ["PASSES", "Pass", "ParamError"]

@@ -90,11 +90,27 @@ def warn_if_slicing_adds_parameters(layers: list[nn.Module], adapter: Adapter, f
 
 
 @torch.no_grad()
-def fold_norm(norm: nn.Module, readers: list[nn.Linear]) -> RMSNormOverWidth:
-    """Move the norm's scale into the linears that read its output; return the weightless norm."""
+def fold_norm(norm: nn.Module, readers: list[nn.Linear], offset: float = 0.0) -> RMSNormOverWidth:
+    """Move the norm's scale (offset + w: `Adapter.norm_offset`) into the linears that read its output; return the
+    weightless norm."""
     for linear in readers:
-        linear.weight.mul_(norm.weight.to(linear.weight.dtype)[None, :])
+        linear.weight.mul_((offset + norm.weight.to(linear.weight.dtype))[None, :])
     return RMSNormOverWidth(norm.weight.numel(), norm_eps(norm))
+
+
+def read_in_basis(linear: nn.Linear, Q: torch.Tensor | None) -> None:
+    """The linear reads the residual stream in basis Q [D, k]: W [out, D] -> W Q [out, k]."""
+    if Q is not None:
+        linear.weight = nn.Parameter((linear.weight.double() @ Q).to(linear.weight.dtype), requires_grad=False)
+        linear.in_features = Q.shape[1]
+
+
+def write_in_basis(linear: nn.Linear, Q: torch.Tensor) -> None:
+    """The linear writes the residual stream in basis Q [D, k]: W [D, in] -> Q^T W [k, in]."""
+    linear.weight = nn.Parameter((Q.T @ linear.weight.double()).to(linear.weight.dtype), requires_grad=False)
+    if linear.bias is not None:
+        linear.bias = nn.Parameter((linear.bias.double() @ Q).to(linear.bias.dtype), requires_grad=False)
+    linear.out_features = Q.shape[1]
 
 
 @dataclass
@@ -191,13 +207,13 @@ class Slice(LayerPass):
         self._set(layer.attn_shortcut, eye if P is None else P.T)  # back to the original basis: exact
         self._set(layer.mlp_shortcut, eye)
         for name in attn_readers:
-            self._rotate_reader(layer.get_submodule(name), P)
+            read_in_basis(layer.get_submodule(name), P)
         Q_mid = principal_axes(residual_before(layer, layer.get_submodule(mlp_norm), hidden, kwargs, device),
                                self.damp, device)[:, :width]
         self._set(layer.attn_shortcut, Q_mid if P is None else P.T @ Q_mid)
-        self._rotate_writer(layer.get_submodule(attn_writer), Q_mid)
+        write_in_basis(layer.get_submodule(attn_writer), Q_mid)
         for name in mlp_readers:
-            self._rotate_reader(layer.get_submodule(name), Q_mid)
+            read_in_basis(layer.get_submodule(name), Q_mid)
         self._set(layer.mlp_shortcut, Q_mid.T)  # the output back in the original basis, to find Q_out
         if index == n_layers - 1 and not run.slice_embeddings:
             Q_out, outputs = eye, None  # a full-width head reads the last layer's output in the original basis
@@ -208,7 +224,7 @@ class Slice(LayerPass):
             Q_out_cpu = Q_out.cpu()
             outputs = [out @ Q_out_cpu.to(out.dtype) for out in outputs]
         self._set(layer.mlp_shortcut, Q_mid.T @ Q_out)
-        self._rotate_writer(layer.get_submodule(mlp_writer), Q_out)
+        write_in_basis(layer.get_submodule(mlp_writer), Q_out)
         for name in stream_linears(adapter):
             records[f"{prefix}.{name}"] = {"pass": self.name, "runtime": resize_config(layer.get_submodule(name))}
         for name in ("attn_shortcut", "mlp_shortcut"):
@@ -221,21 +237,6 @@ class Slice(LayerPass):
     @staticmethod
     def _set(rotation: Rotation, matrix: torch.Tensor) -> None:
         rotation.weight = nn.Parameter(matrix.to(rotation.weight.dtype).contiguous(), requires_grad=False)
-
-    @staticmethod
-    def _rotate_reader(linear: nn.Linear, Q: torch.Tensor | None) -> None:
-        """The linear reads the residual stream in basis Q [D, k]: W [out, D] -> W Q [out, k]."""
-        if Q is not None:
-            linear.weight = nn.Parameter((linear.weight.double() @ Q).to(linear.weight.dtype), requires_grad=False)
-            linear.in_features = Q.shape[1]
-
-    @staticmethod
-    def _rotate_writer(linear: nn.Linear, Q: torch.Tensor) -> None:
-        """The linear writes the residual stream in basis Q [D, k]: W [D, in] -> Q^T W [k, in]."""
-        linear.weight = nn.Parameter((Q.T @ linear.weight.double()).to(linear.weight.dtype), requires_grad=False)
-        if linear.bias is not None:
-            linear.bias = nn.Parameter((linear.bias.double() @ Q).to(linear.bias.dtype), requires_grad=False)
-        linear.out_features = Q.shape[1]
 
     def finish(self, model: PreTrainedModel, adapter: Adapter, run: SliceRun) -> dict[str, dict]:
         """After the last layer: bring the head to the last layer's basis."""

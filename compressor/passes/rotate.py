@@ -1,0 +1,184 @@
+"""Rotations (QuaRot, Ashkboos et al., 2024; SpinQuant, Liu et al., 2024): orthogonal changes of basis that leave
+the model's function unchanged but spread each weight matrix's large entries over many coordinates, so that a
+quantization pass after this one (rtn, gptq, with lrec) rounds weights with fewer outliers.
+
+Every rotation is a randomized Hadamard matrix Q (compressor/nn/hadamard.py), drawn from `seed`:
+
+1. `residual`: the residual stream is carried in the basis x Q (one Q [D, D] for the whole model). The embeddings
+   become E Q; each norm that feeds linears (an RMS norm, which computes the same on a rotated vector) has its
+   scale folded into its readers, which then read in the new basis: W <- W diag(offset + g) Q; the linears that
+   write the stream write in it: W <- Q^T W (bias b Q). A norm whose scale cannot be folded into a linear, the final
+   norm (the head is tied to the embeddings, or reads what the norm writes) and Gemma's norms on each block's
+   output, becomes norm(x Q^T) Q (`ConjugatedNorm`: two fast transforms per token); the head reads in the new basis.
+   This is SliceGPT's change of basis (compressor/passes/slice.py) with a Hadamard matrix instead of the principal
+   axes and nothing deleted; it shares its norm folding and reader/writer rotations.
+2. `heads`: each attention head's values carried as v_h H (H [d_head, d_head]): v_proj's rows of head h become
+   H^T W_h (bias b_h H), o_proj's columns of head h become W_h H. Attention mixes values linearly, so this is exact,
+   and it costs nothing at run time.
+3. `online`: the MLP writer (down_proj) reads its input rotated at run time: W <- W Q_mlp, input x -> x Q_mlp
+   (`RotatedInput`: one fast transform per token), since the MLP's nonlinearity stands between it and any weight
+   that could absorb Q_mlp.
+
+The engine's cached layer-0 inputs are rotated with the embeddings, so later passes calibrate on what the rotated
+model computes. Needs pre-norm blocks with RMS norms (LayerNorm subtracts the mean, which a rotation does not
+preserve) and the Llama layer layout (which norm feeds which linears; the adapters say).
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from compressor.errors import CompressorError
+from compressor.models import Adapter
+from compressor.nn.hadamard import ConjugatedNorm, Hadamard, RotatedInput
+from compressor.passes.base import LayerContext, LayerPass, ParamError
+from compressor.passes.slice import fold_norm, read_in_basis, write_in_basis
+
+
+@dataclass
+class RotateRun:
+    """What rotation carries from layer to layer."""
+
+    signs: torch.Tensor | None = None  # [D]: the residual stream's Hadamard (None: not rotated)
+
+
+@dataclass
+class Rotate(LayerPass):
+    """Rotate the residual stream, each attention head's values and the MLP writer's input by Hadamard matrices."""
+
+    name: ClassVar[str] = "rotate"
+
+    seed: int = 0
+    residual: bool = True
+    heads: bool = True
+    online: bool = True
+
+    def validate(self) -> None:
+        if self.targets != ["Linear"] or self.ignore:
+            raise ParamError("targets", "rotate changes the basis of every reader and writer of the residual stream; "
+                                        "it takes no targets or ignore")
+        if not (self.residual or self.heads or self.online):
+            raise ParamError("residual", "residual, heads and online are all false: nothing to rotate")
+
+    def check_model(self, model: PreTrainedModel, adapter: Adapter) -> None:
+        if None in (adapter.attn_inputs, adapter.mlp_inputs, adapter.attn_output, adapter.mlp_output):
+            raise CompressorError(f"rotate: the {adapter.name} adapter does not know which norms feed each layer's "
+                                  "linears and which linears write the residual stream (its layers do not have the "
+                                  "Llama layout), so the rotations cannot be folded into the weights")
+        layer = adapter.decoder_layers(model)[0]
+        if self.residual:
+            norms = [adapter.attn_inputs[0], adapter.mlp_inputs[0], adapter.attn_output[1], adapter.mlp_output[1]]
+            found = [(name, type(layer.get_submodule(name)).__name__) for name in norms if name is not None]
+            final = model.get_submodule(adapter.final_norm) if adapter.final_norm else None
+            found += [(adapter.final_norm, type(final).__name__)]
+            for name, kind in found:
+                if "RMSNorm" not in kind:
+                    raise CompressorError(
+                        f"rotate: {name} is a {kind}, not an RMS norm; only an RMS norm computes the same on a rotated "
+                        "residual stream (a LayerNorm subtracts the mean), so the residual stream of this model "
+                        "cannot be rotated. Use rotate with residual: false (heads and online only)")
+        if self.heads:
+            attention = layer.get_submodule(adapter.attn_output[0].rpartition(".")[0])
+            if hasattr(attention, "v_norm"):
+                raise CompressorError("rotate: this model normalises each head's values (v_norm), which a rotation "
+                                      "of the values does not commute with; use rotate with heads: false")
+
+    def new_run(self) -> RotateRun:
+        return RotateRun()
+
+    def apply_layer(self, ctx: LayerContext, run: RotateRun) -> tuple[list[torch.Tensor], dict[str, dict], None]:
+        model, adapter, index, layer = ctx.model, ctx.adapter, ctx.index, ctx.layer
+        prefix = f"{adapter.layers}.{index}"
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + index + 1)
+        records, hidden = {}, ctx.hidden
+        if self.residual:
+            if index == 0:
+                hidden = self._start(model, adapter, hidden, run)
+            self._rotate_residual(layer, adapter, Hadamard(run.signs.numel(), run.signs).to(ctx.device), prefix,
+                                  records)
+        if self.heads:
+            self._rotate_heads(layer, adapter, head_dim(model.config), generator, ctx.device, prefix, records)
+        if self.online:
+            name = adapter.mlp_output[0]
+            writer = layer.get_submodule(name)
+            rotation = Hadamard.random(writer.in_features, generator).to(ctx.device)
+            read_in_basis(writer, rotation.matrix())
+            layer.set_submodule(name, RotatedInput(rotation, writer))
+            records[f"{prefix}.{name}"] = {"pass": self.name, "rotated": "input, online",
+                                           "runtime": layer.get_submodule(name).runtime_config()}
+        return hidden, records, None
+
+    def _start(self, model: PreTrainedModel, adapter: Adapter, hidden: list[torch.Tensor], run: RotateRun
+               ) -> list[torch.Tensor]:
+        """Before layer 0: draw the residual stream's Q and rotate the cached layer-0 inputs (the embeddings follow
+        in `finish`, so that a resumed run, which starts from the original model, rotates them too)."""
+        width = model.get_submodule(adapter.embeddings).weight.shape[1]
+        rotation = Hadamard.random(width, torch.Generator().manual_seed(self.seed * 100_003))
+        run.signs = rotation.signs
+        return [rotation(h) for h in hidden]
+
+    def _rotate_residual(self, layer: nn.Module, adapter: Adapter, rotation: Hadamard, prefix: str,
+                         records: dict) -> None:
+        """Fold the input norms into their readers and rotate the readers and writers of the stream."""
+        Q = rotation.matrix()
+        for norm_name, reader_names in (adapter.attn_inputs, adapter.mlp_inputs):
+            readers = [layer.get_submodule(n) for n in reader_names]
+            norm = fold_norm(layer.get_submodule(norm_name), readers, adapter.norm_offset)
+            layer.set_submodule(norm_name, norm)
+            records[f"{prefix}.{norm_name}"] = {"pass": self.name, "runtime": norm.runtime_config()}
+            for name, reader in zip(reader_names, readers, strict=True):
+                read_in_basis(reader, Q)
+                records[f"{prefix}.{name}"] = {"pass": self.name, "rotated": "input"}
+        for writer_name, output_norm in (adapter.attn_output, adapter.mlp_output):
+            write_in_basis(layer.get_submodule(writer_name), Q)
+            records[f"{prefix}.{writer_name}"] = {"pass": self.name, "rotated": "output"}
+            if output_norm is not None:
+                conjugated = ConjugatedNorm(Hadamard(rotation.width, rotation.signs), layer.get_submodule(output_norm))
+                layer.set_submodule(output_norm, conjugated)
+                records[f"{prefix}.{output_norm}"] = {"pass": self.name, "runtime": conjugated.runtime_config()}
+
+    def _rotate_heads(self, layer: nn.Module, adapter: Adapter, size: int, generator: torch.Generator,
+                      device: torch.device, prefix: str, records: dict) -> None:
+        """Each head's values in the basis v_h H: v_proj rows H^T W_h, o_proj columns W_h H."""
+        H = Hadamard.random(size, generator).matrix().to(device)  # [d_head, d_head]
+        v_name = next(n for n in adapter.attn_inputs[1] if n.endswith("v_proj"))
+        o_name = adapter.attn_output[0]
+        v, o = layer.get_submodule(v_name), layer.get_submodule(o_name)
+        with torch.no_grad():
+            W = v.weight.double().reshape(-1, size, v.in_features)  # [kv heads, d_head, D]
+            v.weight.copy_(torch.einsum("ji,hjd->hid", H, W).reshape(v.weight.shape).to(v.weight.dtype))
+            if v.bias is not None:
+                v.bias.copy_((v.bias.double().reshape(-1, size) @ H).reshape(-1).to(v.bias.dtype))
+            W = o.weight.double().reshape(o.out_features, -1, size)  # [D, heads, d_head]
+            o.weight.copy_((W @ H).reshape(o.weight.shape).to(o.weight.dtype))
+        records.setdefault(f"{prefix}.{v_name}", {"pass": self.name})["heads"] = "output rows per head"
+        records.setdefault(f"{prefix}.{o_name}", {"pass": self.name})["heads"] = "input columns per head"
+
+    def finish(self, model: PreTrainedModel, adapter: Adapter, run: RotateRun) -> dict[str, dict]:
+        """After the last layer: the embeddings write the rotated stream (E Q); the final norm works in the original
+        basis and writes the rotated one; an untied head reads it (a tied head is E Q already)."""
+        if not self.residual:
+            return {}
+        embeddings, head = model.get_submodule(adapter.embeddings), model.get_submodule(adapter.head)
+        norm = model.get_submodule(adapter.final_norm)
+        rotation = Hadamard(run.signs.numel(), run.signs)
+        Q = rotation.matrix().to(embeddings.weight.device)
+        with torch.no_grad():
+            embeddings.weight.copy_((embeddings.weight.double() @ Q).to(embeddings.weight.dtype))
+        records = {adapter.embeddings: {"pass": self.name, "rotated": "output"}}
+        if head.weight is not embeddings.weight:
+            read_in_basis(head, Q.to(head.weight.device))
+            records[adapter.head] = {"pass": self.name, "rotated": "input"}
+        conjugated = ConjugatedNorm(rotation.to(norm.weight.device), norm)
+        model.set_submodule(adapter.final_norm, conjugated)
+        records[adapter.final_norm] = {"pass": self.name, "runtime": conjugated.runtime_config()}
+        return records
+
+
+def head_dim(config) -> int:
+    """The width of one attention head."""
+    config = config.get_text_config()
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -1,0 +1,125 @@
+"""Rotations: the rotated float model computes what the original does, its checkpoint reloads, it composes with the
+passes after it, and what it cannot rotate is refused with the reason."""
+
+import pytest
+import torch
+from conftest import COMMON, byte_tokenizer, recipe_dict
+from transformers import AutoModelForCausalLM, OlmoConfig
+
+import compressor
+from compressor.errors import CompressorError
+from compressor.export import export_compressed_tensors
+from compressor.models import load_model
+from compressor.nn.hadamard import Hadamard
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("width", [64, 576, 1536, 640, 12])
+def test_the_hadamard_transform_is_the_orthogonal_matrix_it_folds(width):
+    rotation = Hadamard.random(width, torch.Generator().manual_seed(0))
+    Q = rotation.matrix()
+    torch.testing.assert_close(Q @ Q.T, torch.eye(width, dtype=torch.float64))
+    x = torch.randn(3, width, dtype=torch.float64)
+    torch.testing.assert_close(rotation(x.float()).double(), x @ Q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rotation.inverse(x.float()).double(), x @ Q.T, rtol=1e-5, atol=1e-5)
+
+
+def with_random_norms(model_dir, tmp_path):
+    """The tiny model with norm scales that are not all one, so folding them matters."""
+    model = load_model(str(model_dir)).model
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(torch.rand_like(param) + 0.5)
+    model.save_pretrained(tmp_path / "model")
+    byte_tokenizer().save_pretrained(tmp_path / "model")
+    return tmp_path / "model", model
+
+
+def test_the_rotated_float_model_computes_the_same_logits(model_dir, corpus, tmp_path):
+    """Every family the tests build: tied (llama) and untied heads, Gemma's norms on block outputs and 1 + w scales."""
+    path, dense = with_random_norms(model_dir, tmp_path)
+    model = compressor.compress(recipe_dict(path, corpus, [{"rotate": {}}]), progress=False)
+    layer, dense_layer = model.model.layers[1], dense.model.layers[1]
+    assert not torch.allclose(layer.self_attn.q_proj.weight, dense_layer.self_attn.q_proj.weight)
+    assert type(layer.mlp.down_proj).__name__ == "RotatedInput"
+    ids = torch.randint(0, 256, (2, 24))
+    torch.testing.assert_close(logits(model, ids), logits(dense, ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fixture", ["llama_dir", "gemma_dir"])
+def test_rotate_then_gptq_and_lrec_saves_a_checkpoint_that_reloads(fixture, corpus, tmp_path, request):
+    path = request.getfixturevalue(fixture)
+    passes = [{"rotate": {"seed": 1}}, {"gptq": {"bits": 3, "group_size": 16}}, {"lrec": {"rank": 4}}]
+    model = compressor.compress(recipe_dict(path, corpus, passes, tmp_path / "out"), progress=False)
+    records = model.compression_config["modules"]
+    down = "model.layers.1.mlp.down_proj"
+    assert records[down][0]["runtime"]["class"] == "RotatedInput"
+    assert [r["pass"] for r in records[f"{down}.linear"]] == ["gptq", "lrec"]  # the linear inside the transform
+    assert records["model.norm"][0]["runtime"]["class"] == "ConjugatedNorm"
+    ids = torch.randint(0, 256, (1, 16))
+    torch.testing.assert_close(logits(compressor.load(tmp_path / "out"), ids), logits(model, ids),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_the_rotation_helps_rounding_to_nearest_on_a_model_with_outlier_channels(llama_dir, corpus, tmp_path):
+    """Weights with a few large input channels: the rotated model's RTN W3 logits are closer to the float ones."""
+    model = load_model(str(llama_dir)).model
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for linear in (layer.self_attn.q_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                linear.weight[:, :3] *= 20
+    model.save_pretrained(tmp_path / "model")
+    byte_tokenizer().save_pretrained(tmp_path / "model")
+    ids = torch.randint(0, 256, (2, 24))
+    dense = logits(model, ids)
+    errors = {}
+    for name, passes in {"rtn": [], "rotate + rtn": [{"rotate": {}}]}.items():
+        passes = passes + [{"rtn": {"bits": 3, "group_size": 32}}]
+        quantized = compressor.compress(recipe_dict(tmp_path / "model", corpus, passes), progress=False)
+        errors[name] = (logits(quantized, ids) - dense).pow(2).mean().item()
+    assert errors["rotate + rtn"] < 0.75 * errors["rtn"], errors
+
+
+@pytest.mark.parametrize("passes, match", [
+    ([{"gptq": {"bits": 4}}, {"rotate": {}}], "rotate must come first"),
+    ([{"rotate": {}}, {"slice": {"fraction": 0.2}}], "residual: false"),
+    ([{"rotate": {}}, {"awq": {}}, {"gptq": {"bits": 4}}], "use one of awq and rotate"),
+    ([{"rotate": {"residual": False, "heads": False, "online": False}}], "nothing to rotate"),
+    ([{"rotate": {"targets": ["re:.*q_proj"]}}], "takes no targets"),
+])
+def test_recipes_rotate_cannot_run_are_refused_before_any_work(passes, match, llama_dir, corpus):
+    with pytest.raises(CompressorError, match=match):
+        compressor.compress(recipe_dict(llama_dir, corpus, passes), progress=False)
+
+
+def test_a_model_with_layer_norms_keeps_its_residual_stream_and_rotates_the_rest(corpus, tmp_path):
+    """OLMo's LayerNorms subtract the mean, which a rotation does not preserve: residual rotation is refused with the
+    reason; the head and online rotations, which do not touch the stream, still apply exactly."""
+    torch.manual_seed(0)
+    config = OlmoConfig(**COMMON, pad_token_id=0, bos_token_id=256, eos_token_id=256)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "olmo")
+    byte_tokenizer().save_pretrained(tmp_path / "olmo")
+    with pytest.raises(CompressorError, match="not an RMS norm"):
+        compressor.compress(recipe_dict(tmp_path / "olmo", corpus, [{"rotate": {}}]), progress=False)
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "olmo")
+    model = compressor.compress(recipe_dict(tmp_path / "olmo", corpus, [{"rotate": {"residual": False}}]),
+                                progress=False)
+    ids = torch.randint(0, 256, (2, 24))
+    torch.testing.assert_close(logits(model, ids), logits(dense, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_rotated_checkpoints_are_not_exported(llama_dir, corpus, tmp_path):
+    compressor.compress(recipe_dict(llama_dir, corpus, [{"rotate": {}}, {"rtn": {"bits": 4, "group_size": 32}}],
+                                    tmp_path / "ckpt"), progress=False)
+    with pytest.raises(CompressorError, match="Hadamard"):
+        export_compressed_tensors(tmp_path / "ckpt", tmp_path / "ct")
+    recipe = recipe_dict(llama_dir, corpus, [{"rotate": {}}, {"rtn": {"bits": 4, "group_size": 32}}],
+                         tmp_path / "ckpt2", export={"format": "compressed-tensors", "output": str(tmp_path / "ct")})
+    with pytest.raises(CompressorError, match="leave `rotate` out"):
+        compressor.compress(recipe, progress=False)
+    assert not (tmp_path / "ckpt2").exists()
