@@ -136,8 +136,8 @@ def compress_model(model: PreTrainedModel, adapter: Adapter, passes: list[Pass],
             start = time.perf_counter()
             bar.set_description(f"layer {i + 1}/{len(layers)} {p.name}")
             if isinstance(p, LayerPass):
-                ctx = LayerContext(model, adapter, i, layer, hidden, kwargs, device, per_layer[i], state,
-                                   progress=bar.set_postfix_str)
+                ctx = LayerContext(model, adapter, i, layer, hidden, kwargs, device,
+                                   list(current_targets(model, per_layer[i])), state, progress=bar.set_postfix_str)
                 hidden, done, outputs = p.apply_layer(ctx, runs[k])
                 for name, record in done.items():
                     records[name].append(record)

@@ -1,4 +1,5 @@
-"""The peer: vLLM's llm-compressor (Wanda, SparseGPT, GPTQ) on our models, calibration and protocol v1.
+"""The peer: vLLM's llm-compressor (Wanda, SparseGPT, GPTQ, AWQ, QuIP, SpinQuant) on our models, calibration and
+protocol v1.
 
 llm-compressor pins its own transformers, so it runs in a separate environment that still sees
 this checkout (and torch) from the main one:
@@ -12,6 +13,13 @@ passes. Every decoder linear is targeted, the head is not (as in our suites); GP
 with llm-compressor's default static act-order unless the method says otherwise. The perplexity is
 measured on the model in memory right after `oneshot` (llm-compressor's sparse checkpoints do not
 re-load through the peer's transformers), with fake-quantized weights for GPTQ.
+
+Its recommended recipes beyond plain GPTQ, with the settings of its examples where they apply to these models:
+AWQ (`AWQModifier()` before round-to-nearest, "AWQ", or before GPTQ, "AWQ+GPTQ"), QuIP (`QuIPModifier(rotations=
+["v", "u"], transform_type="hadamard")` before GPTQ) and SpinQuant (`SpinQuantModifier(rotations=["R1", "R2", "R4"],
+transform_type="hadamard")` before GPTQ), all on the symmetric grid of our recipes (equal bits per weight). The
+examples' Hadamard block of 128 does not divide SmolLM2's width (576), so the transforms use blocks of 64, which
+divide every width of both bundled models.
 Writes eval/results/peer-llmcompressor.json/.md.
 
 When this venv's transformers converts a GGUF differently from ours (Gemma-3's tokenizer under 5.17),
@@ -43,8 +51,11 @@ import transformers
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from datasets import Dataset
 from llmcompressor import oneshot
+from llmcompressor.modifiers.awq import AWQModifier
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+from llmcompressor.modifiers.quantization import QuantizationModifier
+from llmcompressor.modifiers.transform import QuIPModifier, SpinQuantModifier
 from run import CALIBRATION, calibration_ids  # the benchmark's calibration, so peer rows compare with ours
 
 from compressor.models import load_model
@@ -57,10 +68,28 @@ PRUNING = [("50%", {"sparsity": 0.5}), ("2:4", {"sparsity": 0.5, "mask_structure
            ("4:8", {"sparsity": 0.5, "mask_structure": "4:8"}), ("60%", {"sparsity": 0.6}), ("70%", {"sparsity": 0.7})]
 
 
-def gptq(bits: int, group_size: int, actorder: str | None) -> GPTQModifier:
+TRANSFORM_BLOCK = 64
+
+
+def scheme(bits: int, group_size: int) -> dict:
     weights = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group_size)
-    return GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
-                        ignore=IGNORE, actorder=actorder)
+    return {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
+
+
+def gptq(bits: int, group_size: int, actorder: str | None) -> GPTQModifier:
+    return GPTQModifier(config_groups=scheme(bits, group_size), ignore=IGNORE, actorder=actorder)
+
+
+def best_recipe(name: str, bits: int, group_size: int) -> list:
+    """The peer's recipes beyond plain GPTQ (module docstring)."""
+    first = {"AWQ": AWQModifier, "AWQ+GPTQ": AWQModifier,
+             "QuIP+GPTQ": lambda: QuIPModifier(rotations=["v", "u"], transform_type="hadamard",
+                                               transform_block_size=TRANSFORM_BLOCK, ignore=IGNORE),
+             "SpinQuant+GPTQ": lambda: SpinQuantModifier(rotations=["R1", "R2", "R4"], transform_type="hadamard",
+                                                         transform_block_size=TRANSFORM_BLOCK)}[name]()
+    if name == "AWQ":
+        return [first, QuantizationModifier(config_groups=scheme(bits, group_size), ignore=IGNORE)]
+    return [first, gptq(bits, group_size, "static")]
 
 
 METHODS = {
@@ -70,6 +99,9 @@ METHODS = {
 } | {
     f"GPTQ W{bits} g{group}{suffix}": lambda bits=bits, group=group, order=order: gptq(bits, group, order)
     for bits in (4, 3, 2) for group in (64, 128) for suffix, order in [("", "static"), (" no act-order", None)]
+} | {
+    f"{name} W{bits} g{group}": lambda name=name, bits=bits, group=group: best_recipe(name, bits, group)
+    for name in ("AWQ", "AWQ+GPTQ", "QuIP+GPTQ", "SpinQuant+GPTQ") for bits in (4, 3) for group in (64, 128)
 }
 
 
