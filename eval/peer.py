@@ -15,11 +15,13 @@ measured on the model in memory right after `oneshot` (llm-compressor's sparse c
 re-load through the peer's transformers), with fake-quantized weights for GPTQ.
 
 Its recommended recipes beyond plain GPTQ, with the settings of its examples where they apply to these models:
-AWQ (`AWQModifier()` before round-to-nearest, "AWQ", or before GPTQ, "AWQ+GPTQ"), QuIP (`QuIPModifier(rotations=
-["v", "u"], transform_type="hadamard")` before GPTQ) and SpinQuant (`SpinQuantModifier(rotations=["R1", "R2", "R4"],
-transform_type="hadamard")` before GPTQ), all on the symmetric grid of our recipes (equal bits per weight). The
-examples' Hadamard block of 128 does not divide SmolLM2's width (576), so the transforms use blocks of 64, which
-divide every width of both bundled models.
+AWQ (`AWQModifier(duo_scaling="both")` before round-to-nearest, "AWQ", or before GPTQ, "AWQ+GPTQ"), QuIP
+(`QuIPModifier(rotations=["v", "u"], transform_type="hadamard")` before GPTQ) and SpinQuant
+(`SpinQuantModifier(rotations=["R1", "R2", "R4"], transform_type="hadamard")` before GPTQ), all on the symmetric
+grid of our recipes (equal bits per weight). The examples' Hadamard block of 128 does not divide SmolLM2's width
+(576), so the transforms use blocks of 64, which divide every width of both bundled models. Its AWQ pins the cached
+activations in memory for faster copies to a GPU, which fails on a machine without one ("Cannot access accelerator
+device"); pinning changes no number, so on a CPU-only machine the harness skips it.
 Writes eval/results/peer-llmcompressor.json/.md.
 
 When this venv's transformers converts a GGUF differently from ours (Gemma-3's tokenizer under 5.17),
@@ -51,17 +53,19 @@ import transformers
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from datasets import Dataset
 from llmcompressor import oneshot
-from llmcompressor.modifiers.awq import AWQModifier
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 from llmcompressor.modifiers.quantization import QuantizationModifier
-from llmcompressor.modifiers.transform import QuIPModifier, SpinQuantModifier
+from llmcompressor.modifiers.transform import AWQModifier, QuIPModifier, SpinQuantModifier
+from llmcompressor.pipelines.cache import IntermediatesCache
 from run import CALIBRATION, calibration_ids  # the benchmark's calibration, so peer rows compare with ours
 
 from compressor.models import load_model
 from compressor.perplexity import perplexity, protocol_windows
 
 ROOT = Path(__file__).resolve().parents[1]
+if not torch.cuda.is_available():  # pinned memory needs an accelerator (module docstring)
+    IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
 SEQLEN, SEED = CALIBRATION["seqlen"], CALIBRATION["seed"]
 IGNORE = ["re:.*lm_head"]  # its names end in a dot here ("lm_head."), so a plain "lm_head" does not match
 PRUNING = [("50%", {"sparsity": 0.5}), ("2:4", {"sparsity": 0.5, "mask_structure": "2:4"}),
@@ -82,7 +86,7 @@ def gptq(bits: int, group_size: int, actorder: str | None) -> GPTQModifier:
 
 def best_recipe(name: str, bits: int, group_size: int) -> list:
     """The peer's recipes beyond plain GPTQ (module docstring)."""
-    first = {"AWQ": AWQModifier, "AWQ+GPTQ": AWQModifier,
+    first = {"AWQ": lambda: AWQModifier(duo_scaling="both"), "AWQ+GPTQ": lambda: AWQModifier(duo_scaling="both"),
              "QuIP+GPTQ": lambda: QuIPModifier(rotations=["v", "u"], transform_type="hadamard",
                                                transform_block_size=TRANSFORM_BLOCK, ignore=IGNORE),
              "SpinQuant+GPTQ": lambda: SpinQuantModifier(rotations=["R1", "R2", "R4"], transform_type="hadamard",

@@ -167,7 +167,8 @@ class Rotate(LayerPass):
         rotation = Hadamard(run.signs.numel(), run.signs)
         Q = rotation.matrix().to(embeddings.weight.device)
         with torch.no_grad():
-            embeddings.weight.copy_((embeddings.weight.double() @ Q).to(embeddings.weight.dtype))
+            for rows in embeddings.weight.split(4096):  # in float64 a whole vocabulary would take GBs
+                rows.copy_((rows.double() @ Q).to(rows.dtype))
         records = {adapter.embeddings: {"pass": self.name, "rotated": "output"}}
         if head.weight is not embeddings.weight:
             read_in_basis(head, Q.to(head.weight.device))
