@@ -16,6 +16,7 @@ RECIPES = {
     "gptq-lrec-refine": [{"gptq": {"bits": 2, "group_size": 32}}, {"lrec": {"rank": 4, "factor_bits": 8}},
                          {"lrec_refine": {"steps": 3, "reference": "model"}}],  # carries the dense hidden states
     "slice": [{"slice": {"fraction": 0.25}}],  # carries the basis
+    "slice-embeddings": [{"slice": {"fraction": 0.25, "slice_embeddings": True}}],  # embeddings sliced at the end
     "rotate-gptq": [{"rotate": {}}, {"gptq": {"bits": 4, "group_size": 32}}],  # rotates embeddings at the end
 }
 

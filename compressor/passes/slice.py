@@ -120,6 +120,7 @@ class SliceRun:
     frame: torch.Tensor | None = None  # [D, k]: the basis the next layer's input arrives in (None: the original)
     slice_embeddings: bool = False  # whether the embeddings and head are sliced too
     untied: bool = False  # whether slicing untied a tied head from the embeddings
+    embedding_basis: torch.Tensor | None = None  # [D, k]: what the embeddings become E Q of, in `finish`
 
 
 @dataclass
@@ -188,7 +189,7 @@ class Slice(LayerPass):
         full_width = layer.get_submodule(mlp_norm).weight.numel()
         width = sliced_width(full_width, self.layer_fractions.get(index, self.fraction))
         if index == 0:
-            hidden = self._start(model, adapter, hidden, width, device, records, run)
+            hidden = self._start(model, adapter, hidden, width, device, run)
         P = run.frame  # [D, k_in], or None: the input arrives in the original basis
         if width == full_width and P is None:
             # A layer kept whole that reads the original basis stays the dense layer and writes the original
@@ -239,41 +240,45 @@ class Slice(LayerPass):
         rotation.weight = nn.Parameter(matrix.to(rotation.weight.dtype).contiguous(), requires_grad=False)
 
     def finish(self, model: PreTrainedModel, adapter: Adapter, run: SliceRun) -> dict[str, dict]:
-        """After the last layer: bring the head to the last layer's basis."""
+        """After the last layer: slice the embeddings (untying a tied head) and bring the head to the last layer's
+        basis. The embeddings change here rather than before layer 0, so that a resumed run, which starts from the
+        original model, changes them too."""
         if not run.slice_embeddings:  # the last layer already writes the full width
             return {}
-        norm, head = model.get_submodule(adapter.final_norm), model.get_submodule(adapter.head)
+        embeddings, head = model.get_submodule(adapter.embeddings), model.get_submodule(adapter.head)
+        if run.untied:
+            head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+            model.config.tie_word_embeddings = False
+        with torch.no_grad():
+            Q = run.embedding_basis.to(embeddings.weight.device)
+            embeddings.weight = nn.Parameter((embeddings.weight.double() @ Q).to(embeddings.weight.dtype),
+                                             requires_grad=False)
+        embeddings.embedding_dim = Q.shape[1]
+        norm = model.get_submodule(adapter.final_norm)
         model.set_submodule(adapter.final_norm, fold_norm(norm, [head]))
         with torch.no_grad():
             frame = run.frame.to(head.weight.device)
             head.weight = nn.Parameter((head.weight.double() @ frame).to(head.weight.dtype))
         head.in_features = run.frame.shape[1]
-        return {adapter.final_norm: {"pass": self.name,
+        return {adapter.embeddings: {"pass": self.name, "width": Q.shape[1], "runtime": resize_config(embeddings)},
+                adapter.final_norm: {"pass": self.name,
                                      "runtime": model.get_submodule(adapter.final_norm).runtime_config()},
                 adapter.head: {"pass": self.name, "width": head.in_features, "untied": run.untied,
                                "runtime": resize_config(head)}}
 
     def _start(self, model: PreTrainedModel, adapter: Adapter, hidden: list[torch.Tensor], width: int,
-               device: torch.device, records: dict, run: SliceRun) -> list[torch.Tensor]:
-        """Before layer 0: keep the embeddings, or rotate and slice them (untying a tied head) and the
-        cached layer-0 inputs with them."""
+               device: torch.device, run: SliceRun) -> list[torch.Tensor]:
+        """Before layer 0: keep the embeddings, or find their basis (applied in `finish`) and put the cached
+        layer-0 inputs in it."""
         embeddings, head = model.get_submodule(adapter.embeddings), model.get_submodule(adapter.head)
         tied = head.weight is embeddings.weight
         run.slice_embeddings = not tied if self.slice_embeddings is None else self.slice_embeddings
         run.untied = tied and run.slice_embeddings
         if not run.slice_embeddings:
             return hidden
-        if run.untied:
-            head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-            model.config.tie_word_embeddings = False
-        Q = principal_axes(hidden, self.damp, device)[:, :width]
-        run.frame = Q
-        Q = Q.to(embeddings.weight.device)
-        embeddings.weight = nn.Parameter((embeddings.weight.double() @ Q).to(embeddings.weight.dtype),
-                                         requires_grad=False)
-        embeddings.embedding_dim = width
-        records[adapter.embeddings] = {"pass": self.name, "width": width, "runtime": resize_config(embeddings)}
-        return [(h.double() @ Q.cpu()).to(h.dtype) for h in hidden]
+        run.frame = principal_axes(hidden, self.damp, device)[:, :width]
+        run.embedding_basis = run.frame.cpu()
+        return [(h.double() @ run.embedding_basis).to(h.dtype) for h in hidden]
 
 
 class _Reached(Exception):
