@@ -72,8 +72,9 @@ def test_rotate_then_gptq_and_lrec_saves_a_checkpoint_that_reloads(fixture, corp
 def test_the_rotation_lowers_the_rounding_error_of_weights_with_outliers():
     """Heavy-tailed weights (Student t, 3 degrees of freedom, as trained weights have a few large entries) round with
     less error on a W3 g64 grid once rotated: ||RTN(W Q) Q^T - W|| < ||RTN(W) - W||."""
-    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
     W = torch.distributions.StudentT(3.0).sample((256, 512))
+    generator = torch.Generator().manual_seed(0)
     Q = Hadamard.random(512, generator).matrix().float()
 
     def rounding_error(weight: torch.Tensor) -> torch.Tensor:
