@@ -118,7 +118,9 @@ class Rotate(LayerPass):
         width = model.get_submodule(adapter.embeddings).weight.shape[1]
         rotation = Hadamard.random(width, torch.Generator().manual_seed(self.seed * 100_003))
         run.signs = rotation.signs
-        return [rotation(h) for h in hidden]
+        for h in hidden:  # in place: a second copy of every window's hidden states would double their memory
+            h.copy_(rotation(h))
+        return hidden
 
     def _rotate_residual(self, layer: nn.Module, adapter: Adapter, rotation: Hadamard, prefix: str,
                          records: dict) -> None:
