@@ -4,7 +4,7 @@ passes after it, and what it cannot rotate is refused with the reason."""
 import pytest
 import torch
 from conftest import COMMON, byte_tokenizer, recipe_dict
-from transformers import AutoModelForCausalLM, OlmoConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, OlmoConfig
 
 import compressor
 from compressor.errors import CompressorError
@@ -123,3 +123,14 @@ def test_rotated_checkpoints_are_not_exported(llama_dir, corpus, tmp_path):
     with pytest.raises(CompressorError, match="leave `rotate` out"):
         compressor.compress(recipe, progress=False)
     assert not (tmp_path / "ckpt2").exists()
+
+
+def test_a_width_the_transform_cannot_mix_is_refused(corpus, tmp_path):
+    """An intermediate width of 8 x 13 = 104: blocks of 8 coordinates spread nothing; refused, with the way out."""
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**COMMON, "intermediate_size": 104}, pad_token_id=0, bos_token_id=256, eos_token_id=256)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    byte_tokenizer().save_pretrained(tmp_path / "model")
+    with pytest.raises(CompressorError, match="down_proj's input is 104"):
+        compressor.compress(recipe_dict(tmp_path / "model", corpus, [{"rotate": {}}]), progress=False)
+    compressor.compress(recipe_dict(tmp_path / "model", corpus, [{"rotate": {"online": False}}]), progress=False)

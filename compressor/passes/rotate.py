@@ -33,9 +33,11 @@ from transformers import PreTrainedModel
 
 from compressor.errors import CompressorError
 from compressor.models import Adapter
-from compressor.nn.hadamard import ConjugatedNorm, Hadamard, RotatedInput
+from compressor.nn.hadamard import ConjugatedNorm, Hadamard, RotatedInput, largest_power_of_two_dividing
 from compressor.passes.base import LayerContext, LayerPass, ParamError
 from compressor.passes.slice import fold_norm, read_in_basis, write_in_basis
+
+MIN_BLOCK = 16  # the fewest coordinates one Hadamard block may mix (widths with a smaller power-of-two factor: refused)
 
 
 @dataclass
@@ -80,6 +82,18 @@ class Rotate(LayerPass):
                         f"rotate: {name} is a {kind}, not an RMS norm; only an RMS norm computes the same on a rotated "
                         "residual stream (a LayerNorm subtracts the mean), so the residual stream of this model "
                         "cannot be rotated. Use rotate with residual: false (heads and online only)")
+        widths = {"the residual stream": layer.get_submodule(adapter.attn_output[0]).out_features} if self.residual \
+            else {}
+        if self.heads:
+            widths["an attention head"] = head_dim(model.config)
+        if self.online:
+            widths["down_proj's input"] = layer.get_submodule(adapter.mlp_output[0]).in_features
+        for what, width in widths.items():
+            if largest_power_of_two_dividing(width) < MIN_BLOCK:
+                raise CompressorError(
+                    f"rotate: the width of {what} is {width}, whose largest power-of-two factor is "
+                    f"{largest_power_of_two_dividing(width)}: the fast Hadamard transform would mix fewer than "
+                    f"{MIN_BLOCK} coordinates at a time, too few to spread large weights; leave it out of the rotation")
         if self.heads:
             attention = layer.get_submodule(adapter.attn_output[0].rpartition(".")[0])
             if hasattr(attention, "v_norm"):
