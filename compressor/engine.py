@@ -31,15 +31,19 @@ from compressor.models import Adapter
 from compressor.models.streamed import StreamedLayers
 from compressor.nn import RUNTIME_MODULES, RotatedInput, UnfusedExperts
 from compressor.passes import Pass
-from compressor.passes.base import LayerContext, LayerPass, LayerState, layer_output, matches
+from compressor.passes.base import (
+    LayerContext,
+    LayerPass,
+    LayerState,
+    StopLayer,
+    layer_output,
+    matches,
+    run_until_stopped,
+)
 from compressor.passes.hessian import window_hessian, with_sink_weight
 from compressor.passes.prune import store_sparse
 from compressor.resume import Progress
 from compressor.runtime import is_out_of_memory
-
-
-class _Stop(Exception):
-    pass
 
 
 def plan(model: PreTrainedModel, adapter: Adapter, passes: list[Pass]) -> list[list[list[str]]]:
@@ -294,7 +298,7 @@ def capture_layer_inputs(model: PreTrainedModel, adapter: Adapter, windows: torc
                 layer_kwargs[i] = _to({k: v for k, v in kwargs.items() if k not in ("past_key_values", "cache")},
                                       "cpu")
             if i == len(layers) - 1:
-                raise _Stop
+                raise StopLayer  # the model's forward is not needed past the last layer's input
             return hidden_states
         return forward
 
@@ -305,7 +309,7 @@ def capture_layer_inputs(model: PreTrainedModel, adapter: Adapter, windows: torc
         for ids in windows:
             try:
                 model(input_ids=ids[None].to(device), use_cache=False)
-            except _Stop:
+            except StopLayer:
                 pass
     finally:
         for layer in layers:
@@ -369,16 +373,13 @@ def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[
                 sums[name] += shared[id(inputs[0])][1]
             seen.add(name)
             if len(seen) == len(linears):
-                raise _Stop  # nothing later in the layer is needed
+                raise StopLayer  # nothing later in the layer is needed
         return accumulate
 
     handles = [lin.register_forward_pre_hook(hook(name)) for name, lin in linears.items()]
     try:
         for h in hidden:
-            try:
-                run_layer(layer, h, kwargs, device)
-            except _Stop:
-                pass
+            run_until_stopped(layer, h, kwargs, device)
             shared.clear()
             seen.clear()
             window += 1

@@ -35,12 +35,8 @@ from torch import nn
 
 from compressor.errors import CompressorError
 from compressor.formats import SUPPORTED_BITS
-from compressor.passes.base import LayerContext, LayerPass, ParamError, layer_output
+from compressor.passes.base import LayerContext, LayerPass, ParamError, StopLayer, run_until_stopped
 from compressor.passes.quantize import rtn
-
-
-class _Captured(Exception):
-    """Raised once every block of the layer has been seen: the rest of the layer is not needed."""
 
 
 @dataclass
@@ -178,7 +174,7 @@ def capture_block_inputs(layer: nn.Module, blocks: list[str], hidden: list[torch
             calls[name].append((args, kw))
             seen.add(name)
             if len(seen) == len(blocks):
-                raise _Captured
+                raise StopLayer  # the rest of the layer is not needed
         return hook
 
     handles = [layer.get_submodule(name).register_forward_pre_hook(record(name), with_kwargs=True)
@@ -186,10 +182,7 @@ def capture_block_inputs(layer: nn.Module, blocks: list[str], hidden: list[torch
     try:
         for h in hidden:
             seen.clear()
-            try:
-                layer_output(layer, h.to(device), kwargs)
-            except _Captured:
-                pass
+            run_until_stopped(layer, h, kwargs, device)
     finally:
         for handle in handles:
             handle.remove()

@@ -18,6 +18,18 @@ def layer_output(layer: nn.Module, hidden, kwargs: dict):
     return out[0] if isinstance(out, tuple) else out
 
 
+class StopLayer(Exception):
+    """Raised by a hook once a layer has run far enough for what the hook records: the rest is skipped."""
+
+
+def run_until_stopped(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, device: torch.device) -> None:
+    """Run a decoder layer on one window until a hook raises StopLayer (or to the end)."""
+    try:
+        layer_output(layer, hidden.to(device), kwargs)
+    except StopLayer:
+        pass
+
+
 class ParamError(CompressorError):
     """A pass parameter is invalid; `key` names it so the recipe can point at it."""
 

@@ -40,7 +40,7 @@ from compressor.errors import CompressorError, CompressorWarning
 from compressor.models import Adapter
 from compressor.nn import RMSNormOverWidth, Rotation
 from compressor.nn.sliced import resize_config
-from compressor.passes.base import LayerContext, LayerPass, ParamError, layer_output
+from compressor.passes.base import LayerContext, LayerPass, ParamError, StopLayer, layer_output, run_until_stopped
 
 
 def sliced_width(width: int, fraction: float) -> int:
@@ -281,10 +281,6 @@ class Slice(LayerPass):
         return [(h.double() @ run.embedding_basis).to(h.dtype) for h in hidden]
 
 
-class _Reached(Exception):
-    """Raised once the residual stream at the hooked module is seen: the rest of the layer is not needed."""
-
-
 @torch.no_grad()
 def residual_before(layer: nn.Module, module: nn.Module, hidden: list[torch.Tensor], kwargs: dict,
                     device: torch.device) -> Iterator[torch.Tensor]:
@@ -294,15 +290,12 @@ def residual_before(layer: nn.Module, module: nn.Module, hidden: list[torch.Tens
 
     def stop(_module, args):
         seen.append(args[0])
-        raise _Reached
+        raise StopLayer  # the rest of the layer is not needed
 
     handle = module.register_forward_pre_hook(stop)
     try:
         for h in hidden:
-            try:
-                layer_output(layer, h.to(device), kwargs)
-            except _Reached:
-                pass
+            run_until_stopped(layer, h, kwargs, device)
             if not seen:
                 raise CompressorError(f"slice: the layer never ran its {type(module).__name__}; the adapter needs work")
             yield seen.pop()
