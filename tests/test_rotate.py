@@ -63,7 +63,7 @@ def test_rotate_then_gptq_and_lrec_saves_a_checkpoint_that_reloads(fixture, corp
     down = "model.layers.1.mlp.down_proj"
     assert records[down][0]["runtime"]["class"] == "RotatedInput"
     assert [r["pass"] for r in records[f"{down}.linear"]][:2] == ["gptq", "lrec"]  # the linear inside the transform
-    assert records["model.norm"][0]["runtime"]["class"] == "ConjugatedNorm"
+    assert records["model.norm"][0]["runtime"]["class"] == "RotatedNorm"
     ids = torch.randint(0, 256, (1, 16))
     torch.testing.assert_close(logits(compressor.load(tmp_path / "out"), ids), logits(model, ids),
                                rtol=1e-5, atol=1e-5)

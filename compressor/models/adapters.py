@@ -41,6 +41,9 @@ class Adapter:
     refine_loss: str = "total"
     # The norms scale by offset + w, not by their weight w (Gemma's: 1 + w): what AWQ divides, what GGUF stores.
     norm_offset: float = 0.0
+    # Whether `rotate` folds the scales of the norms that feed linears into those linears (else each such norm keeps
+    # its scale and writes the rotated stream). The default of its `fold_norms`.
+    rotate_folds_norms: bool = True
     # How llama.cpp stores the family in GGUF, where it differs from transformers: for these model types, q/k rows
     # in the rotary order of llama.cpp's Llama graph (its norm weights: w + norm_offset).
     gguf_permute_qk: tuple[str, ...] = ()
@@ -64,6 +67,10 @@ GEMMA = Adapter(
     refine_reference="model",
     refine_loss="next_norm",
     norm_offset=1.0,
+    # The same channels reach the linears that read a norm at about sqrt(width) before its scale (down to ~0.3)
+    # brings them back: folded into the weights, a small column meets a huge input, and rounding the folded (and
+    # rotated) weights multiplied the output error several times over (docs/design-decisions.md).
+    rotate_folds_norms=False,
 )
 
 ADAPTERS = (LLAMA, GEMMA)

@@ -5,7 +5,7 @@ from torch import nn
 
 from compressor.nn.experts import UnfusedExperts, unfuse_experts
 from compressor.nn.gguf_linear import GGUFLinear
-from compressor.nn.hadamard import ConjugatedNorm, RotatedInput
+from compressor.nn.hadamard import RotatedInput, RotatedNorm
 from compressor.nn.low_rank_linear import LowRankLinear
 from compressor.nn.packed import PackedLinear, unpack_weights
 from compressor.nn.quant_linear import QuantLinear
@@ -14,7 +14,7 @@ from compressor.nn.sparse_linear import SparseLinear
 
 RUNTIME_MODULES = {cls.__name__: cls.from_runtime_config
                    for cls in (QuantLinear, GGUFLinear, SparseLinear, LowRankLinear, RMSNormOverWidth, Rotation,
-                               UnfusedExperts, RotatedInput, ConjugatedNorm)}
+                               UnfusedExperts, RotatedInput, RotatedNorm)}
 RUNTIME_MODULES |= {"Resized": resize, "SlicedLayer": sliced_layer}
 
 
@@ -27,6 +27,6 @@ def rebuild(model: nn.Module, records: dict[str, list[dict]], dtype: torch.dtype
             parent = model.get_submodule(parent_name)
             setattr(parent, child, RUNTIME_MODULES[runtime["class"]](runtime, getattr(parent, child, None), dtype))
 
-__all__ = ["RUNTIME_MODULES", "ConjugatedNorm", "GGUFLinear", "LowRankLinear", "PackedLinear", "QuantLinear",
-           "RMSNormOverWidth", "RotatedInput", "Rotation", "SparseLinear", "UnfusedExperts", "rebuild",
+__all__ = ["RUNTIME_MODULES", "GGUFLinear", "LowRankLinear", "PackedLinear", "QuantLinear",
+           "RMSNormOverWidth", "RotatedInput", "RotatedNorm", "Rotation", "SparseLinear", "UnfusedExperts", "rebuild",
            "unfuse_experts", "unpack_weights"]

@@ -7,8 +7,9 @@
   (n log2 b additions), in float32 whatever the model's dtype; the signs are the only stored numbers.
 - `RotatedInput`: a linear whose weight was stored as W Q and whose input is rotated as it arrives:
   y = (x Q) (W Q)^T = x W^T.
-- `ConjugatedNorm`: a norm that reads a rotated stream and writes it rotated, norm(x Q^T) Q, for the norms whose
-  weight cannot be folded into a linear (the final norm before a tied head, Gemma's norms on block outputs).
+- `RotatedNorm`: a norm whose weight cannot be folded into a linear, applied in the original basis and writing
+  the rotated one: norm(x Q^T) Q for the final norm (it reads the rotated stream), norm(x) Q for Gemma's norms on
+  each block's output (they read the block's unrotated output).
 """
 
 import torch
@@ -77,19 +78,20 @@ class RotatedInput(nn.Module):
         return cls(Hadamard(config["width"]), old)
 
 
-class ConjugatedNorm(nn.Module):
-    """x -> norm(x Q^T) Q: the original norm (weights and all) applied in the original basis of a rotated stream."""
+class RotatedNorm(nn.Module):
+    """The original norm (weights and all) writing into a rotated stream: norm(x) Q, or norm(x Q^T) Q when its input
+    is rotated too (`reads_rotated`)."""
 
-    def __init__(self, rotation: Hadamard, norm: nn.Module):
+    def __init__(self, rotation: Hadamard, norm: nn.Module, reads_rotated: bool):
         super().__init__()
-        self.rotation, self.norm = rotation, norm
+        self.rotation, self.norm, self.reads_rotated = rotation, norm, reads_rotated
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.rotation(self.norm(self.rotation.inverse(x)))
+        return self.rotation(self.norm(self.rotation.inverse(x) if self.reads_rotated else x))
 
     def runtime_config(self) -> dict:
-        return {"class": "ConjugatedNorm", "width": self.rotation.width}
+        return {"class": "RotatedNorm", "width": self.rotation.width, "reads_rotated": self.reads_rotated}
 
     @classmethod
-    def from_runtime_config(cls, config: dict, old: nn.Module, dtype: torch.dtype) -> "ConjugatedNorm":
-        return cls(Hadamard(config["width"]), old)
+    def from_runtime_config(cls, config: dict, old: nn.Module, dtype: torch.dtype) -> "RotatedNorm":
+        return cls(Hadamard(config["width"]), old, config["reads_rotated"])

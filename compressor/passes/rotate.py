@@ -6,10 +6,14 @@ Every rotation is a randomized Hadamard matrix Q (compressor/nn/hadamard.py), dr
 
 1. `residual`: the residual stream is carried in the basis x Q (one Q [D, D] for the whole model). The embeddings
    become E Q; each norm that feeds linears (an RMS norm, which computes the same on a rotated vector) has its
-   scale folded into its readers, which then read in the new basis: W <- W diag(offset + g) Q; the linears that
-   write the stream write in it: W <- Q^T W (bias b Q). A norm whose scale cannot be folded into a linear, the final
-   norm (the head is tied to the embeddings, or reads what the norm writes) and Gemma's norms on each block's
-   output, becomes norm(x Q^T) Q (`ConjugatedNorm`: two fast transforms per token); the head reads in the new basis.
+   scale folded into its readers, which then read in the new basis: W <- W diag(offset + g) Q (with `fold_norms`
+   false, the adapter's choice for Gemma, the norm keeps its scale and becomes norm(x Q^T) Q, and W <- W Q); the
+   linears that write the stream write in it: W <- Q^T W (bias b Q). The final norm, whose scale cannot be folded into a tied
+   head, becomes norm(x Q^T) Q (`RotatedNorm`: two fast transforms per token); the head reads in the new basis.
+   A writer followed by a norm on its output (Gemma's sandwich norms) keeps writing the original basis, and the
+   norm's output is rotated, norm(x) Q (one fast transform): rotated rows would spread each row's rounding error
+   over every channel, and those norms scale a few channels by up to ~1000 (offset + g), so the error of the
+   many large rows would reach the channels the model amplifies.
    This is SliceGPT's change of basis (compressor/passes/slice.py) with a Hadamard matrix instead of the principal
    axes and nothing deleted; it shares its norm folding and reader/writer rotations.
 2. `heads`: each attention head's values carried as v_h H (H [d_head, d_head]): v_proj's rows of head h become
@@ -33,7 +37,7 @@ from transformers import PreTrainedModel
 
 from compressor.errors import CompressorError
 from compressor.models import Adapter
-from compressor.nn.hadamard import ConjugatedNorm, Hadamard, RotatedInput, largest_power_of_two_dividing
+from compressor.nn.hadamard import Hadamard, RotatedInput, RotatedNorm, largest_power_of_two_dividing
 from compressor.passes.base import LayerContext, LayerPass, ParamError
 from compressor.passes.slice import fold_norm, read_in_basis, write_in_basis
 
@@ -57,6 +61,7 @@ class Rotate(LayerPass):
     residual: bool = True
     heads: bool = True
     online: bool = True
+    fold_norms: bool | None = None  # None: the adapter's choice (rotate_folds_norms)
 
     def validate(self) -> None:
         if self.targets != ["Linear"] or self.ignore:
@@ -140,21 +145,28 @@ class Rotate(LayerPass):
                          records: dict) -> None:
         """Fold the input norms into their readers and rotate the readers and writers of the stream."""
         Q = rotation.matrix()
+        fold = adapter.rotate_folds_norms if self.fold_norms is None else self.fold_norms
         for norm_name, reader_names in (adapter.attn_inputs, adapter.mlp_inputs):
             readers = [layer.get_submodule(n) for n in reader_names]
-            norm = fold_norm(layer.get_submodule(norm_name), readers, adapter.norm_offset)
+            if fold:
+                norm = fold_norm(layer.get_submodule(norm_name), readers, adapter.norm_offset)
+            else:
+                norm = RotatedNorm(Hadamard(rotation.width, rotation.signs), layer.get_submodule(norm_name),
+                                   reads_rotated=True)
             layer.set_submodule(norm_name, norm)
             records[f"{prefix}.{norm_name}"] = {"pass": self.name, "runtime": norm.runtime_config()}
             for name, reader in zip(reader_names, readers, strict=True):
                 read_in_basis(reader, Q)
                 records[f"{prefix}.{name}"] = {"pass": self.name, "rotated": "input"}
         for writer_name, output_norm in (adapter.attn_output, adapter.mlp_output):
-            write_in_basis(layer.get_submodule(writer_name), Q)
-            records[f"{prefix}.{writer_name}"] = {"pass": self.name, "rotated": "output"}
-            if output_norm is not None:
-                conjugated = ConjugatedNorm(Hadamard(rotation.width, rotation.signs), layer.get_submodule(output_norm))
-                layer.set_submodule(output_norm, conjugated)
-                records[f"{prefix}.{output_norm}"] = {"pass": self.name, "runtime": conjugated.runtime_config()}
+            if output_norm is None:
+                write_in_basis(layer.get_submodule(writer_name), Q)
+                records[f"{prefix}.{writer_name}"] = {"pass": self.name, "rotated": "output"}
+            else:
+                rotated = RotatedNorm(Hadamard(rotation.width, rotation.signs), layer.get_submodule(output_norm),
+                                      reads_rotated=False)
+                layer.set_submodule(output_norm, rotated)
+                records[f"{prefix}.{output_norm}"] = {"pass": self.name, "runtime": rotated.runtime_config()}
 
     def _rotate_heads(self, layer: nn.Module, adapter: Adapter, size: int, generator: torch.Generator,
                       device: torch.device, prefix: str, records: dict) -> None:
@@ -189,9 +201,9 @@ class Rotate(LayerPass):
         if head.weight is not embeddings.weight:
             read_in_basis(head, Q.to(head.weight.device))
             records[adapter.head] = {"pass": self.name, "rotated": "input"}
-        conjugated = ConjugatedNorm(rotation.to(norm.weight.device), norm)
-        model.set_submodule(adapter.final_norm, conjugated)
-        records[adapter.final_norm] = {"pass": self.name, "runtime": conjugated.runtime_config()}
+        rotated = RotatedNorm(rotation.to(norm.weight.device), norm, reads_rotated=True)
+        model.set_submodule(adapter.final_norm, rotated)
+        records[adapter.final_norm] = {"pass": self.name, "runtime": rotated.runtime_config()}
         return records
 
 
