@@ -18,10 +18,10 @@ Its recommended recipes beyond plain GPTQ, with the settings of its examples whe
 AWQ (`AWQModifier(duo_scaling="both")` before round-to-nearest, "AWQ", or before GPTQ, "AWQ+GPTQ"), QuIP
 (`QuIPModifier(rotations=["v", "u"], transform_type="hadamard")` before GPTQ) and SpinQuant
 (`SpinQuantModifier(rotations=["R1", "R2", "R4"], transform_type="hadamard")` before GPTQ), all on the symmetric
-grid of our recipes (equal bits per weight). The examples' Hadamard block of 128 does not divide SmolLM2's width
-(576), so the transforms use blocks of 64, which divide every width of both bundled models. Its AWQ pins the cached
-activations in memory for faster copies to a GPU, which fails on a machine without one ("Cannot access accelerator
-device"); pinning changes no number, so on a CPU-only machine the harness skips it.
+grid of our recipes (equal bits per weight). The transforms use the examples' Hadamard blocks of 128 where 128
+divides the input width of every linear (Gemma-3-270m), else blocks of 64 (SmolLM2's width is 576 = 9 x 64). Its
+AWQ pins the cached activations in memory for faster copies to a GPU, which fails on a machine without one
+("Cannot access accelerator device"); pinning changes no number, so on a CPU-only machine the harness skips it.
 Writes eval/results/peer-llmcompressor.json/.md.
 
 When this venv's transformers converts a GGUF differently from ours (Gemma-3's tokenizer under 5.17),
@@ -72,9 +72,6 @@ PRUNING = [("50%", {"sparsity": 0.5}), ("2:4", {"sparsity": 0.5, "mask_structure
            ("4:8", {"sparsity": 0.5, "mask_structure": "4:8"}), ("60%", {"sparsity": 0.6}), ("70%", {"sparsity": 0.7})]
 
 
-TRANSFORM_BLOCK = 64
-
-
 def scheme(bits: int, group_size: int) -> dict:
     weights = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group_size)
     return {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
@@ -87,10 +84,9 @@ def gptq(bits: int, group_size: int, actorder: str | None) -> GPTQModifier:
 def best_recipe(name: str, bits: int, group_size: int) -> list:
     """The peer's recipes beyond plain GPTQ (module docstring)."""
     first = {"AWQ": lambda: AWQModifier(duo_scaling="both"), "AWQ+GPTQ": lambda: AWQModifier(duo_scaling="both"),
-             "QuIP+GPTQ": lambda: QuIPModifier(rotations=["v", "u"], transform_type="hadamard",
-                                               transform_block_size=TRANSFORM_BLOCK, ignore=IGNORE),
-             "SpinQuant+GPTQ": lambda: SpinQuantModifier(rotations=["R1", "R2", "R4"], transform_type="hadamard",
-                                                         transform_block_size=TRANSFORM_BLOCK)}[name]()
+             "QuIP+GPTQ": lambda: QuIPModifier(rotations=["v", "u"], transform_type="hadamard", ignore=IGNORE),
+             "SpinQuant+GPTQ": lambda: SpinQuantModifier(rotations=["R1", "R2", "R4"], transform_type="hadamard")
+             }[name]()
     if name == "AWQ":
         return [first, QuantizationModifier(config_groups=scheme(bits, group_size), ignore=IGNORE)]
     return [first, gptq(bits, group_size, "static")]
@@ -107,6 +103,12 @@ METHODS = {
     f"{name} W{bits} g{group}": lambda name=name, bits=bits, group=group: best_recipe(name, bits, group)
     for name in ("AWQ", "AWQ+GPTQ", "QuIP+GPTQ", "SpinQuant+GPTQ") for bits in (4, 3) for group in (64, 128)
 }
+
+
+def transform_block(model: torch.nn.Module) -> int:
+    """128 where it divides the input width of every linear, else 64."""
+    widths = {m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    return 128 if all(w % 128 == 0 for w in widths) else 64
 
 
 def check_tokenizer(model_source: str, tokenizer) -> None:
@@ -144,8 +146,12 @@ def run(model_source: str, method: str, samples: int, windows: int | None, folde
     loaded = load_model(folder or model_source)
     check_tokenizer(model_source, loaded.tokenizer)
     ids = calibration_ids(loaded.tokenizer, samples, reverse, shuffle)  # other orders: other roundings
+    recipe = METHODS[method]()
+    for modifier in recipe if isinstance(recipe, list) else [recipe]:
+        if hasattr(modifier, "transform_block_size"):  # the Hadamard block (module docstring)
+            modifier.transform_block_size = transform_block(loaded.model)
     start = time.perf_counter()
-    run_oneshot(loaded.model, ids, METHODS[method]())
+    run_oneshot(loaded.model, ids, recipe)
     compress_wall = time.perf_counter() - start
     compress_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = perplexity(loaded.model, loaded.tokenizer, windows=windows, progress=False)

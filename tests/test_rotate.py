@@ -42,10 +42,11 @@ def with_random_norms(model_dir, tmp_path):
     return tmp_path / "model", model
 
 
-def test_the_rotated_float_model_computes_the_same_logits(model_dir, corpus, tmp_path):
+@pytest.mark.parametrize("fold_norms", [None, True, False])  # None: the adapter's choice
+def test_the_rotated_float_model_computes_the_same_logits(model_dir, fold_norms, corpus, tmp_path):
     """Every family the tests build: tied (llama) and untied heads, Gemma's norms on block outputs and 1 + w scales."""
     path, dense = with_random_norms(model_dir, tmp_path)
-    model = compressor.compress(recipe_dict(path, corpus, [{"rotate": {}}]), progress=False)
+    model = compressor.compress(recipe_dict(path, corpus, [{"rotate": {"fold_norms": fold_norms}}]), progress=False)
     layer, dense_layer = model.model.layers[1], dense.model.layers[1]
     assert not torch.allclose(layer.self_attn.q_proj.weight, dense_layer.self_attn.q_proj.weight)
     assert type(layer.mlp.down_proj).__name__ == "RotatedInput"
