@@ -130,11 +130,12 @@ def check_stream(recipe: Recipe, stream: bool, in_memory: bool, processes: int) 
 
 
 def check_processes(recipe: Recipe, processes: int, resume: bool) -> None:
-    """Refuse, before any work, what does not run across processes yet: passes that work on whole layers
-    (their statistics are not summed across processes), resuming, fewer calibration windows than processes."""
+    """Refuse, before any work, what does not run across processes yet: passes that work on whole layers with
+    calibration data (their statistics are not summed across processes; `rotate`, which uses none, does the same
+    in every process), resuming, fewer calibration windows than processes."""
     if processes == 1:
         return
-    whole_layer = [p.name for p in recipe.passes if isinstance(p, LayerPass)]
+    whole_layer = [p.name for p in recipe.passes if isinstance(p, LayerPass) and p.stats]
     if whole_layer:
         raise CompressorError(f"{', '.join(whole_layer)} run in one process only; run this recipe without torchrun "
                               "(or --nproc)")

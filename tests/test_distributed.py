@@ -47,6 +47,7 @@ def test_rtn_across_two_processes_is_bit_identical(llama_dir, corpus, tmp_path):
     ("llama", [{"gptq": {"bits": 4, "group_size": 32}}]),
     ("llama", [{"wanda": {"sparsity": 0.5}}, {"gptq": {"bits": 4, "group_size": 32}}]),
     ("llama", [{"gptq": {"bits": 2, "group_size": 32}}, {"lrec": {"rank": 4, "factor_bits": 8}}]),
+    ("llama", [{"rotate": {}}, {"gptq": {"bits": 4, "group_size": 32}}]),  # every process rotates the same
     ("mixtral", [{"sparsegpt": {"sparsity": 0.5}}]),
 ])
 def test_calibrated_passes_across_two_processes_match_one(family, passes, llama_dir, corpus, tmp_path):

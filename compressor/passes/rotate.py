@@ -5,15 +5,13 @@ quantization pass after this one (rtn, gptq, with lrec) rounds weights with fewe
 Every rotation is a randomized Hadamard matrix Q (compressor/nn/hadamard.py), drawn from `seed`:
 
 1. `residual`: the residual stream is carried in the basis x Q (one Q [D, D] for the whole model). The embeddings
-   become E Q; each norm that feeds linears (an RMS norm, which computes the same on a rotated vector) has its
-   scale folded into its readers, which then read in the new basis: W <- W diag(offset + g) Q (with `fold_norms`
-   false, the adapter's choice for Gemma, the norm keeps its scale and becomes norm(x Q^T) Q, and W <- W Q); the
-   linears that write the stream write in it: W <- Q^T W (bias b Q). The final norm, whose scale cannot be folded into a tied
+   become E Q. Each norm that feeds linears (an RMS norm, which computes the same on a rotated vector) has its
+   scale folded into its readers, which then read in the new basis: W <- W diag(offset + g) Q. The linears that
+   write the stream write in it: W <- Q^T W (bias b Q). The final norm, whose scale cannot be folded into a tied
    head, becomes norm(x Q^T) Q (`RotatedNorm`: two fast transforms per token); the head reads in the new basis.
-   A writer followed by a norm on its output (Gemma's sandwich norms) keeps writing the original basis, and the
-   norm's output is rotated, norm(x) Q (one fast transform): rotated rows would spread each row's rounding error
-   over every channel, and those norms scale a few channels by up to ~1000 (offset + g), so the error of the
-   many large rows would reach the channels the model amplifies.
+   On Gemma (`fold_norms` false, its adapter's choice) the input norms keep their scales the same way, and a
+   writer followed by a norm on its output (the sandwich norms) keeps the original basis, the norm's output being
+   rotated, norm(x) Q: both measured better for rounding (docs/design-decisions.md).
    This is SliceGPT's change of basis (compressor/passes/slice.py) with a Hadamard matrix instead of the principal
    axes and nothing deleted; it shares its norm folding and reader/writer rotations.
 2. `heads`: each attention head's values carried as v_h H (H [d_head, d_head]): v_proj's rows of head h become
