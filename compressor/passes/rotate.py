@@ -141,7 +141,8 @@ class Rotate(LayerPass):
 
     def _rotate_residual(self, layer: nn.Module, adapter: Adapter, rotation: Hadamard, prefix: str,
                          records: dict) -> None:
-        """Fold the input norms into their readers and rotate the readers and writers of the stream."""
+        """Fold the input norms into their readers (or keep their scales, `fold_norms`) and rotate the readers and
+        writers of the stream."""
         Q = rotation.matrix()
         fold = adapter.rotate_folds_norms if self.fold_norms is None else self.fold_norms
         for norm_name, reader_names in (adapter.attn_inputs, adapter.mlp_inputs):
@@ -191,18 +192,24 @@ class Rotate(LayerPass):
         embeddings, head = model.get_submodule(adapter.embeddings), model.get_submodule(adapter.head)
         norm = model.get_submodule(adapter.final_norm)
         rotation = Hadamard(run.signs.numel(), run.signs)
-        Q = rotation.matrix().to(embeddings.weight.device)
-        with torch.no_grad():
-            for rows in embeddings.weight.split(4096):  # in float64 a whole vocabulary would take GBs
-                rows.copy_((rows.double() @ Q).to(rows.dtype))
+        Q = rotation.matrix()
+        rotate_rows(embeddings.weight, Q)
         records = {adapter.embeddings: {"pass": self.name, "rotated": "output"}}
         if head.weight is not embeddings.weight:
-            read_in_basis(head, Q.to(head.weight.device))
+            rotate_rows(head.weight, Q)
             records[adapter.head] = {"pass": self.name, "rotated": "input"}
         rotated = RotatedNorm(rotation.to(norm.weight.device), norm, reads_rotated=True)
         model.set_submodule(adapter.final_norm, rotated)
         records[adapter.final_norm] = {"pass": self.name, "runtime": rotated.runtime_config()}
         return records
+
+
+@torch.no_grad()
+def rotate_rows(weight: torch.Tensor, Q: torch.Tensor) -> None:
+    """W [rows, D] <- W Q in place, a block of rows at a time (a vocabulary in float64 at once would take GBs)."""
+    Q = Q.to(weight.device)
+    for rows in weight.split(4096):
+        rows.copy_((rows.double() @ Q).to(rows.dtype))
 
 
 def head_dim(config) -> int:
