@@ -7,9 +7,9 @@
   (n log2 b additions), in float32 whatever the model's dtype; the signs are the only stored numbers.
 - `RotatedInput`: a linear whose weight was stored as W Q and whose input is rotated as it arrives:
   y = (x Q) (W Q)^T = x W^T.
-- `RotatedNorm`: a norm whose weight cannot be folded into a linear, applied in the original basis and writing
-  the rotated one: norm(x Q^T) Q for the final norm (it reads the rotated stream), norm(x) Q for Gemma's norms on
-  each block's output (they read the block's unrotated output).
+- `RotatedNorm`: a norm whose weight is not folded into a linear, applied in the original basis and writing the
+  rotated one: norm(x Q^T) Q for the final norm and Gemma's input norms (they read the rotated stream), norm(x) Q
+  for Gemma's norms on each block's output (they read the block's unrotated output).
 """
 
 import torch
