@@ -78,7 +78,8 @@ def test_help_answers_without_loading_torch():
 BAD_RECIPES = {
     "unknown top-level key": ({"modle": "x"}, "unknown key(s) 'modle'"),
     "unknown pass": ({"passes": [{"magnitud": {"sparsity": 0.5}}]},
-                     "known passes: awq, gptq, lowrank, lrec, lrec_refine, magnitude, rtn, slice, sparsegpt, wanda"),
+                     "known passes: awq, gptq, lowrank, lrec, lrec_refine, magnitude, rotate, rtn, slice, sparsegpt, "
+                     "wanda"),
     "unknown pass key": ({"passes": [{"magnitude": {"sparsity": 0.5, "spars": 1}}]}, "passes[0].magnitude: unknown"),
     "wrong type": ({"passes": [{"magnitude": {"sparsity": "half"}}]}, "passes[0].magnitude.sparsity: got 'half'"),
     "sparsity 1": ({"passes": [{"magnitude": {"sparsity": 1.0}}]}, "allowed: a number in [0, 1)"),
