@@ -48,6 +48,10 @@ class RotateRun:
 
     signs: torch.Tensor | None = None  # [D]: the residual stream's Hadamard (None: not rotated)
 
+    def residual(self) -> Hadamard:
+        """The residual stream's rotation."""
+        return Hadamard(self.signs.numel(), self.signs)
+
 
 @dataclass
 class Rotate(LayerPass):
@@ -77,8 +81,10 @@ class Rotate(LayerPass):
         if self.residual:
             norms = [adapter.attn_inputs[0], adapter.mlp_inputs[0], adapter.attn_output[1], adapter.mlp_output[1]]
             found = [(name, type(layer.get_submodule(name)).__name__) for name in norms if name is not None]
-            final = model.get_submodule(adapter.final_norm) if adapter.final_norm else None
-            found += [(adapter.final_norm, type(final).__name__)]
+            if adapter.final_norm is None:
+                raise CompressorError(f"rotate: the final norm of this {adapter.name} model was not found, and the "
+                                      "head reads the residual stream through it; use rotate with residual: false")
+            found += [(adapter.final_norm, type(model.get_submodule(adapter.final_norm)).__name__)]
             for name, kind in found:
                 if "RMSNorm" not in kind:
                     raise CompressorError(
@@ -114,8 +120,7 @@ class Rotate(LayerPass):
         if self.residual:
             if index == 0:
                 hidden = self._start(model, adapter, hidden, run)
-            self._rotate_residual(layer, adapter, Hadamard(run.signs.numel(), run.signs).to(ctx.device), prefix,
-                                  records)
+            self._rotate_residual(layer, adapter, run.residual().to(ctx.device), prefix, records)
         if self.heads:
             self._rotate_heads(layer, adapter, head_dim(model.config), generator, ctx.device, prefix, records)
         if self.online:
@@ -191,7 +196,7 @@ class Rotate(LayerPass):
             return {}
         embeddings, head = model.get_submodule(adapter.embeddings), model.get_submodule(adapter.head)
         norm = model.get_submodule(adapter.final_norm)
-        rotation = Hadamard(run.signs.numel(), run.signs)
+        rotation = run.residual()
         Q = rotation.matrix()
         rotate_rows(embeddings.weight, Q)
         records = {adapter.embeddings: {"pass": self.name, "rotated": "output"}}
