@@ -70,6 +70,19 @@ def test_rotate_then_gptq_and_lrec_saves_a_checkpoint_that_reloads(fixture, corp
                                rtol=1e-5, atol=1e-5)
 
 
+def test_rotate_then_sparsegpt_prunes_the_rotated_weights_and_reloads(llama_dir, corpus, tmp_path):
+    """Pruning after a rotation: the linear inside the online transform is pruned like the others (2:4), and the
+    checkpoint rebuilds both."""
+    passes = [{"rotate": {}}, {"sparsegpt": {"pattern": "2:4"}}]
+    model = compressor.compress(recipe_dict(llama_dir, corpus, passes, tmp_path / "out"), progress=False)
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "RotatedInput"
+    records = model.compression_config["modules"]["model.layers.0.mlp.down_proj.linear"]
+    assert [r["pass"] for r in records] == ["sparsegpt"] and records[0]["sparsity"] == 0.5
+    ids = torch.randint(0, 256, (1, 16))
+    torch.testing.assert_close(logits(compressor.load(tmp_path / "out"), ids), logits(model, ids),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_the_rotation_lowers_the_rounding_error_of_weights_with_outliers():
     """Heavy-tailed weights (Student t, 3 degrees of freedom, as trained weights have a few large entries) round with
     less error on a W3 g64 grid once rotated: ||RTN(W Q) Q^T - W|| < ||RTN(W) - W||."""
