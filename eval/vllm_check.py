@@ -16,6 +16,7 @@ log-probabilities do not fit 24 GB beside the model.
 
 import argparse
 import math
+import os
 import subprocess
 import sys
 import time
@@ -39,6 +40,9 @@ def setup() -> None:
 
 
 def check(export: str, windows: int, lora: str | None, speed: bool) -> None:
+    # one 2048-token window is one model step; on an AVX2 CPU the W4A8 path takes 7-27 minutes for it, past vLLM's
+    # default limit of 300 s per step
+    os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
